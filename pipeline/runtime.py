@@ -1,0 +1,68 @@
+"""Process setup shared by every stage: threads, device, seeds, the Accelerator."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from pipeline.config import Config
+
+
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def set_threads(requested: int) -> int:
+    """Pin intra-op threads: on a small CPU box oversubscribed threads collapse throughput."""
+    n = requested or max(1, (os.cpu_count() or 1) // local_world_size())
+    torch.set_num_threads(n)
+    return n
+
+
+def make_accelerator(cfg: Config, mixed_precision: str = "no",
+                     gradient_accumulation_steps: int = 1) -> Accelerator:
+    """An Accelerator that really is distributed under ``accelerate launch`` on CPU too.
+
+    A plain Accelerator on a CPU-only machine quietly runs N independent processes; asking
+    for the CPU explicitly makes it join the gloo process group the launcher set up.
+    """
+    set_threads(cfg.run.threads)
+    cpu = cfg.run.device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed_precision if not cpu else "no",
+        gradient_accumulation_steps=gradient_accumulation_steps,
+    )
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != expected:
+        raise RuntimeError(
+            f"launched with WORLD_SIZE={expected} but the Accelerator sees "
+            f"{accelerator.num_processes} process(es): distributed setup failed"
+        )
+    set_seed(cfg.run.seed + accelerator.process_index)
+    return accelerator
+
+
+def rng_state() -> dict:
+    """Every RNG a stage draws from, for resumable checkpoints."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

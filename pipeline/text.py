@@ -1,0 +1,149 @@
+"""Chat formatting, tokenization with loss masks, padding and batched generation.
+
+The same prompt encoding is used when training (SFT), sampling (label, PPO, eval) and scoring,
+so a policy is always asked in exactly the format it was trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+
+
+def _ids(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompt(tok: PreTrainedTokenizerBase, messages: list[dict] | str,
+                  max_prompt_tokens: int) -> list[int]:
+    """Chat-formatted prompt ids ending in the assistant header; long prompts lose their start."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return _ids(tok, text)[-max_prompt_tokens:]
+
+
+def tokenize_conversation(tok: PreTrainedTokenizerBase, messages: list[dict],
+                          max_prompt_tokens: int, max_seq_len: int,
+                          ) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) with loss only on assistant turns, each turn up to its EOS.
+
+    Each assistant turn's text is the difference between the rendered conversation with and
+    without it, so the prompt part is byte-identical to what ``encode_prompt`` gives at
+    sampling time. Text after the EOS (the template's newline) is context, not target.
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    eos = tok.eos_token
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        header = tok.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
+        turn = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+        context = header[len(rendered):]
+        body = turn[len(header):]
+        cut = body.find(eos)
+        if cut < 0:
+            target, tail = body + eos, ""
+        else:
+            target, tail = body[: cut + len(eos)], body[cut + len(eos):]
+        context_ids = _ids(tok, context)
+        if not input_ids:
+            context_ids = context_ids[-max_prompt_tokens:]
+        target_ids = _ids(tok, target)
+        input_ids += context_ids + target_ids
+        labels += [IGNORE_INDEX] * len(context_ids) + target_ids
+        tail_ids = _ids(tok, tail)
+        input_ids += tail_ids
+        labels += [IGNORE_INDEX] * len(tail_ids)
+        rendered = turn
+    return input_ids[:max_seq_len], labels[:max_seq_len]
+
+
+def pad(sequences: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
+    """(B, T) long tensor padded with ``value`` on ``side``."""
+    width = max((len(s) for s in sequences), default=0)
+    out = torch.full((len(sequences), width), value, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if not s:
+            continue
+        if side == "right":
+            out[i, : len(s)] = torch.as_tensor(s)
+        else:
+            out[i, width - len(s):] = torch.as_tensor(s)
+    return out
+
+
+def left_pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt batch so every row's generation starts at the same column."""
+    ids = pad(prompts, pad_id, side="left")
+    mask = pad([[1] * len(p) for p in prompts], 0, side="left")
+    return ids, mask
+
+
+def truncate_at_eos(tokens: Sequence[int], eos_ids: set[int], pad_id: int) -> list[int]:
+    """Response tokens up to and including the first EOS; generation padding dropped."""
+    out = []
+    for t in tokens:
+        out.append(int(t))
+        if t in eos_ids:
+            break
+    while out and out[-1] == pad_id and pad_id not in eos_ids:
+        out.pop()
+    return out
+
+
+def eos_ids(tok: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> set[int]:
+    ids = {tok.eos_token_id}
+    gen = getattr(model, "generation_config", None) if model is not None else None
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(extra)
+    return ids
+
+
+@torch.no_grad()
+def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
+             prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float,
+             top_k: int = 0, top_p: float = 1.0, batch_size: int = 16,
+             ) -> list[list[int]]:
+    """Sample responses (KV cache, stop at EOS); each is truncated after its first EOS.
+
+    temperature 0 means greedy decoding.
+    """
+    was_training = model.training
+    model.eval()
+    stops = eos_ids(tok, model)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_k=top_k if temperature > 0 else None,
+        top_p=top_p if temperature > 0 else None,
+        eos_token_id=sorted(stops),
+        pad_token_id=tok.pad_token_id,
+        use_cache=True,
+    )
+    device = next(model.parameters()).device
+    responses: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start: start + batch_size]
+        ids, mask = left_pad_prompts(chunk, tok.pad_token_id)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             generation_config=config)
+        for row in out[:, ids.shape[1]:].tolist():
+            responses.append(truncate_at_eos(row, stops, tok.pad_token_id))
+    model.train(was_training)
+    return responses
+
+
+def decode(tok: PreTrainedTokenizerBase, tokens: Sequence[int]) -> str:
+    return tok.decode(tokens, skip_special_tokens=True).strip()

@@ -1,0 +1,645 @@
+"""Pure tensor math shared by the SFT, reward-modelling and PPO stages.
+
+Nothing here knows about models, tokenizers or accelerate: every function takes
+tensors (or plain Python numbers) and returns tensors, so it can be unit-tested
+against numbers worked out by hand.
+
+Shape conventions: ``B`` batch, ``T`` (response) sequence length, ``V`` vocabulary,
+``N`` number of scored responses, ``P`` number of preference pairs.
+Masks are 0/1 float or bool tensors; 1 marks a valid (response) token.
+
+References:
+    Schulman et al. 2017, "Proximal Policy Optimization Algorithms".
+    Schulman et al. 2016, "High-Dimensional Continuous Control Using GAE".
+    Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences".
+    Ouyang et al. 2022, "Training language models to follow instructions" (InstructGPT).
+    Dai et al. 2023, "Safe RLHF: Safe Reinforcement Learning from Human Feedback".
+    Schulman 2020, "Approximating KL Divergence" (k1/k2/k3 estimators).
+    Guo et al. 2017, "On Calibration of Modern Neural Networks" (ECE).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "LagrangeMultiplier",
+    "bradley_terry_loss",
+    "bradley_terry_pairs",
+    "entropy_from_logits",
+    "expected_calibration_error",
+    "first_true_index",
+    "gae",
+    "kl_estimate",
+    "kl_shaped_rewards",
+    "lagrangian_advantages",
+    "last_index",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "policy_loss",
+    "response_mask_after_eos",
+    "value_loss",
+]
+
+WHITEN_EPS = 1e-8
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def _as_bool(mask: Tensor) -> Tensor:
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of ``x`` over positions where ``mask`` is set.
+
+    Args:
+        x: any shape.
+        mask: same shape as ``x``, 0/1 or bool.
+        dim: reduce over this dim only; ``None`` reduces over everything.
+    """
+    # where() rather than x * mask: padding positions may hold inf/nan (e.g. logp of a
+    # pad token) and 0 * inf would poison the sum.
+    masked = torch.where(_as_bool(mask), x, torch.zeros_like(x))
+    return masked.sum() if dim is None else masked.sum(dim=dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over positions where ``mask`` is set (0 if there are none).
+
+    Args:
+        x: any shape.
+        mask: same shape as ``x``, 0/1 or bool.
+        dim: reduce over this dim only; ``None`` reduces over everything (scalar).
+    """
+    count = masked_sum(torch.ones_like(x), mask, dim)
+    # An all-padding row yields 0 instead of nan, so one empty response cannot
+    # turn a whole batch's loss into nan.
+    return masked_sum(x, mask, dim) / count.clamp(min=1.0)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of the valid entries of ``x`` (scalar).
+
+    ``unbiased`` applies Bessel's correction ``n / (n - 1)`` when ``n > 1``.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = _as_bool(mask).sum()
+        if n > 1:
+            var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(
+    x: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Normalise the valid entries of ``x`` to zero mean and unit variance.
+
+    Args:
+        x: any shape, e.g. advantages ``(B, T)``.
+        mask: same shape, 0/1 or bool.
+        shift_mean: if False, the mean is added back so only the scale changes
+            (used for rewards, whose sign carries meaning).
+        all_reduce: optional ``f(Tensor[3]) -> Tensor[3]`` summing
+            ``[sum, sum_sq, count]`` across processes, so every rank whitens with
+            the *global* statistics rather than its own micro-batch's.
+
+    Returns:
+        Tensor shaped like ``x``; invalid positions are 0.  The mean and variance are
+        treated as constants (no gradient flows through them), as they would be
+        after a collective anyway.
+    """
+    valid = _as_bool(mask)
+    # Moments go through sum / sum-of-squares because those are what can be summed
+    # across ranks; float64 limits the cancellation in E[x^2] - E[x]^2.
+    xd = torch.where(valid, x.detach().to(torch.float64), 0.0)
+    moments = torch.stack([xd.sum(), (xd * xd).sum(), valid.sum().to(torch.float64)])
+    if all_reduce is not None:
+        moments = all_reduce(moments)
+    total, total_sq, count = moments.unbind()
+    count_c = count.clamp(min=1.0)
+    mean = total / count_c
+    var = (total_sq / count_c - mean * mean).clamp(min=0.0)
+    if count > 1:
+        var = var * count / (count - 1)
+    mean = mean.to(x.dtype)
+    inv_std = torch.rsqrt(var + WHITEN_EPS).to(x.dtype)
+    whitened = (x - mean) * inv_std
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(valid, whitened, torch.zeros_like(whitened))
+
+
+def first_true_index(mask_bool: Tensor) -> Tensor:
+    """Index of the first True along the last dim.
+
+    Args:
+        mask_bool: ``(B, T)`` bool (or 0/1).
+
+    Returns:
+        ``(B,)`` long; ``T`` for rows with no True, so ``idx < T`` tests presence.
+    """
+    m = _as_bool(mask_bool)
+    t = m.shape[-1]
+    positions = torch.arange(t, device=m.device).expand_as(m)
+    return torch.where(m, positions, t).min(dim=-1).values
+
+
+def last_index(mask: Tensor) -> Tensor:
+    """Index of the last valid token of each row.
+
+    Args:
+        mask: ``(B, T)`` 0/1 or bool.
+
+    Returns:
+        ``(B,)`` long; rows with no valid token give 0 (callers that care should
+        check ``mask.sum(-1) > 0``).
+    """
+    m = _as_bool(mask)
+    t = m.shape[-1]
+    from_end = first_true_index(m.flip(-1))  # (B,) == T when the row is empty
+    return (t - 1 - from_end).clamp(min=0)
+
+
+def response_mask_after_eos(
+    tokens: Tensor, eos_token_id: int | Sequence[int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Mask that keeps a generated response up to and including its first EOS.
+
+    Args:
+        tokens: ``(B, T)`` generated token ids (response part only).
+        eos_token_id: one id or several (chat templates often end turns with
+            more than one stop token).
+
+    Returns:
+        mask: ``(B, T)`` float, 1 up to and including the first EOS, 0 after;
+            all ones for rows that never emit EOS (truncated at max length).
+        has_eos: ``(B,)`` bool.
+        lengths: ``(B,)`` long, number of valid tokens.
+    """
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    eos = torch.isin(tokens, torch.tensor(ids, dtype=tokens.dtype, device=tokens.device))
+    t = tokens.shape[-1]
+    first = first_true_index(eos)  # (B,)
+    has_eos = first < t
+    lengths = torch.where(has_eos, first + 1, t)
+    positions = torch.arange(t, device=tokens.device)  # (T,)
+    mask = (positions.unsqueeze(0) < lengths.unsqueeze(1)).to(torch.float32)
+    return mask, has_eos, lengths
+
+
+# ------------------------------------------------------------------ log-probabilities
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-probability of ``labels`` under ``softmax(logits / temperature)``.
+
+    Args:
+        logits: ``(B, T, V)``.
+        labels: ``(B, T)`` long.
+        temperature: must match the sampling temperature, otherwise the PPO
+            ratio compares against a different distribution than the one sampled.
+
+    Returns:
+        ``(B, T)`` float32.
+    """
+    # float32: bf16 logsumexp over a 100k+ vocabulary loses several bits, and the
+    # PPO ratio exp(logp - old_logp) amplifies that error.
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    # gather - logsumexp avoids keeping a second (B, T, V) tensor for log_softmax.
+    picked = torch.gather(z, -1, labels.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return picked - torch.logsumexp(z, dim=-1)
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy of ``softmax(logits / temperature)`` per position.
+
+    Args:
+        logits: ``(B, T, V)``.
+
+    Returns:
+        ``(B, T)`` float32.
+    """
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    # H = logsumexp(z) - E_p[z]; avoids log(p) of underflowed probabilities.
+    p = torch.softmax(z, dim=-1)
+    return torch.logsumexp(z, dim=-1) - (p * z).sum(dim=-1)
+
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k1") -> Tensor:
+    """Per-sample estimate of KL(pi || ref) from tokens sampled from pi.
+
+    Args:
+        logp: log pi(token), any shape.
+        ref_logp: log ref(token), same shape.
+        kind: ``"k1"`` (unbiased, can be negative), ``"k2"`` (biased, low variance,
+            >= 0) or ``"k3"`` (unbiased, >= 0).
+
+    Returns:
+        Same shape as ``logp``.  Not clamped: clamping would bias the estimate.
+    """
+    log_ratio = logp - ref_logp
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio**2
+    if kind == "k3":
+        # With r = ref/pi: (r - 1) - log r, which is >= 0 since log r <= r - 1.
+        neg = -log_ratio
+        return torch.expm1(neg) - neg
+    raise ValueError(f"unknown KL estimator {kind!r}; expected 'k1', 'k2' or 'k3'")
+
+
+# ------------------------------------------------------------------------------ PPO
+
+
+def kl_shaped_rewards(
+    score: Tensor,
+    logp: Tensor,
+    ref_logp: Tensor,
+    mask: Tensor,
+    beta: float,
+    kl_kind: str = "k1",
+) -> tuple[Tensor, Tensor]:
+    """Per-token RLHF reward: ``-beta * KL`` everywhere, plus the sequence score at the end.
+
+    Args:
+        score: ``(B,)`` reward-model score of each full response.
+        logp: ``(B, T)`` policy log-probs of the sampled tokens.
+        ref_logp: ``(B, T)`` reference-model log-probs of the same tokens.
+        mask: ``(B, T)`` response mask.
+        beta: KL coefficient.
+        kl_kind: estimator passed to :func:`kl_estimate`.
+
+    Returns:
+        rewards: ``(B, T)``, 0 past the response.
+        kl: ``(B, T)`` per-token KL estimate, 0 past the response.
+    """
+    valid = _as_bool(mask)
+    kl = kl_estimate(logp, ref_logp, kl_kind)
+    kl = torch.where(valid, kl, torch.zeros_like(kl))
+    rewards = -beta * kl
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    end = last_index(valid)  # (B,)
+    # A row with no valid token has nowhere to put its score; dropping it keeps the
+    # "0 past the response" invariant instead of writing into padding.
+    has_tokens = valid.any(dim=-1)
+    bonus = torch.where(has_tokens, score.to(rewards.dtype), torch.zeros_like(rewards[:, 0]))
+    rewards = rewards.index_put((rows, end), bonus, accumulate=True)
+    return rewards, kl
+
+
+def gae(
+    rewards: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation, computed backwards over time.
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` and
+    ``A_t = delta_t + gamma * lam * A_{t+1}``, where ``t+1`` is the next *valid*
+    position and the value after the last valid token is 0 (the episode ends at
+    EOS or at max length).
+
+    Args:
+        rewards: ``(B, T)``.
+        values: ``(B, T)`` value-head predictions.
+        mask: ``(B, T)``; invalid positions are skipped, so they neither receive
+            advantage nor feed value/advantage into valid neighbours.
+
+    Returns:
+        advantages: ``(B, T)``, 0 at invalid positions.
+        returns: ``(B, T)`` = advantages + values (before any whitening), the
+            value-function target; 0 at invalid positions.
+    """
+    valid = _as_bool(mask)
+    zeros = torch.zeros_like(values[:, 0])  # (B,)
+    next_value = zeros
+    next_adv = zeros
+    advantages = torch.zeros_like(values)
+    for t in reversed(range(values.shape[1])):
+        m = valid[:, t]
+        r_t = torch.where(m, rewards[:, t], zeros)
+        v_t = torch.where(m, values[:, t], zeros)
+        delta = r_t + gamma * next_value - v_t
+        adv_t = delta + gamma * lam * next_adv
+        adv_t = torch.where(m, adv_t, zeros)
+        advantages[:, t] = adv_t
+        # Only a valid step becomes "the next step" of the one before it; this makes
+        # padding transparent wherever it sits (right, left or inside the row).
+        next_value = torch.where(m, v_t, next_value)
+        next_adv = torch.where(m, adv_t, next_adv)
+    returns = torch.where(valid, advantages + values, torch.zeros_like(values))
+    return advantages, returns
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_range: float = 0.2,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate objective, as a loss to minimise.
+
+    ``L = mean_valid max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps))`` with
+    ``rho = exp(logp - old_logp)``.
+
+    Args:
+        logp: ``(B, T)`` current policy log-probs (with grad).
+        old_logp: ``(B, T)`` log-probs at rollout time.
+        advantages: ``(B, T)``.
+        mask: ``(B, T)``.
+        clip_range: ``eps``.
+
+    Returns:
+        loss: scalar.
+        stats: detached scalars ``clipfrac``, ``approxkl``, ``ratio``.
+    """
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approxkl": masked_mean(0.5 * log_ratio**2, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_range: float = 0.2,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value-function loss.
+
+    ``0.5 * mean_valid max((V - R)^2, (V_clip - R)^2)`` with
+    ``V_clip = V_old + clip(V - V_old, -c, c)``: the value head cannot profit from
+    moving further than ``c`` from its rollout-time prediction in one update.
+
+    Args:
+        values: ``(B, T)`` current predictions (with grad).
+        old_values: ``(B, T)`` predictions at rollout time.
+        returns: ``(B, T)`` targets from :func:`gae`.
+        mask: ``(B, T)``.
+        clip_range: ``c`` (in reward units).
+
+    Returns:
+        loss: scalar.
+        stats: detached scalars ``clipfrac``, ``error``.
+    """
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    err_unclipped = (values - returns) ** 2
+    err_clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err_unclipped, err_clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((err_clipped > err_unclipped).float(), mask),
+            "error": masked_mean(err_unclipped, mask),
+        }
+    return loss, stats
+
+
+def lagrangian_advantages(reward_adv: Tensor, cost_adv: Tensor, lam: float) -> Tensor:
+    """Safe-RLHF combined advantage ``(A_r - lambda * A_c) / (1 + lambda)``.
+
+    Dividing by ``1 + lambda`` keeps the advantage scale (hence the effective step
+    size) roughly constant as lambda grows.
+    """
+    return (reward_adv - lam * cost_adv) / (1.0 + lam)
+
+
+# --------------------------------------------------------------------- reward model
+
+
+def bradley_terry_pairs(ranks: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor, Tensor]:
+    """All preference pairs implied by per-prompt rankings.
+
+    Args:
+        ranks: ``G`` groups; ``ranks[g][k]`` is the rank of response ``k`` of prompt
+            ``g`` (lower is better).  Group ``g``'s responses sit at consecutive flat
+            indices starting at ``sum(len(ranks[h]) for h < g)``.
+
+    Returns:
+        chosen_idx: ``(P,)`` long, flat index of the preferred response.
+        rejected_idx: ``(P,)`` long.
+        pair_weight: ``(P,)`` float, ``1 / pairs_in_group / groups_with_pairs``, so
+            that the weighted sum of per-pair losses is the mean over prompts of each
+            prompt's mean pair loss (InstructGPT: a prompt counts once whatever its K,
+            instead of K-choose-2 times).  Tied responses form no pair.
+    """
+    chosen: list[int] = []
+    rejected: list[int] = []
+    group_sizes: list[int] = []
+    offset = 0
+    for group in ranks:
+        n_before = len(chosen)
+        for i, rank_i in enumerate(group):
+            for j, rank_j in enumerate(group):
+                if rank_i < rank_j:
+                    chosen.append(offset + i)
+                    rejected.append(offset + j)
+        n_pairs = len(chosen) - n_before
+        if n_pairs:
+            group_sizes.append(n_pairs)
+        offset += len(group)
+    n_groups = len(group_sizes)
+    weights = [1.0 / n / n_groups for n in group_sizes for _ in range(n)]
+    return (
+        torch.tensor(chosen, dtype=torch.long),
+        torch.tensor(rejected, dtype=torch.long),
+        torch.tensor(weights, dtype=torch.float32),
+    )
+
+
+def bradley_terry_loss(
+    rewards: Tensor,
+    chosen_idx: Tensor,
+    rejected_idx: Tensor,
+    pair_weight: Tensor | None = None,
+    margin: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Bradley-Terry negative log-likelihood ``-log sigmoid(r_c - r_r - margin)``.
+
+    Args:
+        rewards: ``(N,)`` scalar reward of every response in the batch.
+        chosen_idx: ``(P,)`` long.
+        rejected_idx: ``(P,)`` long.
+        pair_weight: ``(P,)``; if given the loss is ``sum(w * l)`` (weights from
+            :func:`bradley_terry_pairs` sum to 1), otherwise the plain mean.
+        margin: required reward gap (Llama-2 style); 0 gives plain Bradley-Terry.
+
+    Returns:
+        loss: scalar.
+        stats: detached ``accuracy`` (fraction of pairs with ``r_c > r_r``
+            strictly, so a constant reward model scores 0) and ``margin`` (mean
+            ``r_c - r_r``).
+    """
+    if chosen_idx.numel() == 0:
+        # Keep the graph connected so every rank still runs backward under DDP.
+        zero = rewards.sum() * 0.0
+        return zero, {"accuracy": zero.detach(), "margin": zero.detach()}
+    diff = rewards[chosen_idx] - rewards[rejected_idx]  # (P,)
+    per_pair = -F.logsigmoid(diff - margin)
+    if pair_weight is None:
+        loss = per_pair.mean()
+    else:
+        loss = (pair_weight.to(per_pair) * per_pair).sum()
+    with torch.no_grad():
+        stats = {"accuracy": (diff > 0).float().mean(), "margin": diff.mean()}
+    return loss, stats
+
+
+def expected_calibration_error(
+    probs: Tensor, correct: Tensor, n_bins: int = 10
+) -> tuple[float, list[dict[str, float]]]:
+    """Expected calibration error with equal-width confidence bins on [0, 1].
+
+    Args:
+        probs: ``(N,)`` predicted probability that the prediction is correct
+            (for a reward model: ``sigmoid(r_c - r_r)``).
+        correct: ``(N,)`` bool, whether it was.
+        n_bins: number of bins; bin ``b`` is ``[b/n, (b+1)/n)``, the last one
+            also includes 1.0.
+
+    Returns:
+        ece: ``sum_b count_b / N * |acc_b - conf_b|`` (0.0 for empty input).
+        bins: one dict per bin with ``lo``, ``hi``, ``count``, ``confidence``
+            (mean prob) and ``accuracy``; empty bins report 0.0 for both means.
+    """
+    p = probs.detach().to(torch.float64).flatten()
+    c = correct.detach().to(torch.float64).flatten()
+    n = p.numel()
+    idx = torch.clamp((p * n_bins).floor().long(), 0, n_bins - 1)
+    ece = 0.0
+    bins: list[dict[str, float]] = []
+    for b in range(n_bins):
+        in_bin = idx == b
+        count = int(in_bin.sum())
+        conf = float(p[in_bin].mean()) if count else 0.0
+        acc = float(c[in_bin].mean()) if count else 0.0
+        if count:
+            ece += count / n * abs(acc - conf)
+        bins.append(
+            {
+                "lo": b / n_bins,
+                "hi": (b + 1) / n_bins,
+                "count": count,
+                "confidence": conf,
+                "accuracy": acc,
+            }
+        )
+    return ece, bins
+
+
+# ------------------------------------------------------------------ KL / Lagrangian
+
+
+class FixedKLController:
+    """Constant KL coefficient ``beta``."""
+
+    def __init__(self, value: float) -> None:
+        self.value = float(value)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """No-op, present so callers need not special-case the fixed controller."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient of Ziegler et al. 2019 (section 2.2).
+
+    ``e = clip(KL / target - 1, -0.2, 0.2)``;  ``beta <- beta * (1 + e * n_steps / horizon)``.
+    The clip bounds how fast beta can move when the measured KL is far off target.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = float(state["value"])
+        self.target = float(state.get("target", self.target))
+        self.horizon = int(state.get("horizon", self.horizon))
+
+
+class LagrangeMultiplier:
+    """PPO-Lagrangian multiplier of Safe RLHF for the constraint ``J_c <= threshold``.
+
+    Projected gradient ascent of ``lambda * (J_c - threshold)`` in lambda: lambda
+    grows while the mean cost exceeds the threshold and shrinks otherwise, kept in
+    ``[0, max_value]`` (non-negative by KKT; capped so reward is never ignored entirely).
+    """
+
+    def __init__(
+        self,
+        init: float = 1.0,
+        lr: float = 0.1,
+        max_value: float = 5.0,
+        threshold: float = 0.0,
+    ) -> None:
+        self.lr = float(lr)
+        self.max_value = float(max_value)
+        self.threshold = float(threshold)
+        self.value = min(max(float(init), 0.0), self.max_value)
+
+    def update(self, mean_cost: float) -> float:
+        """Take one ascent step given the batch's mean episode cost; return new lambda."""
+        stepped = self.value + self.lr * (float(mean_cost) - self.threshold)
+        self.value = min(max(stepped, 0.0), self.max_value)
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "value": self.value,
+            "lr": self.lr,
+            "max_value": self.max_value,
+            "threshold": self.threshold,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = float(state["value"])
+        self.lr = float(state.get("lr", self.lr))
+        self.max_value = float(state.get("max_value", self.max_value))
+        self.threshold = float(state.get("threshold", self.threshold))

@@ -1,0 +1,218 @@
+"""Stage 1: supervised fine-tuning on demonstrations.
+
+Loss on the assistant tokens only (prompt masked), LoRA or full fine-tuning, held-out loss
+before and after training, a few sample generations. The LoRA adapter is merged before saving,
+so the next stages load ``sft/model`` as a plain transformers model.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.config import Config
+from pipeline.data import load_prompts, load_sft_conversations
+from pipeline.models import (
+    apply_lora,
+    load_policy,
+    merged,
+    save_pretrained_atomic,
+    tokenizer_sha256,
+    trainable_parameters,
+)
+from pipeline.progress import progress
+from pipeline.rundir import StageDir
+from pipeline.runtime import make_accelerator
+from pipeline.text import IGNORE_INDEX, decode, encode_prompt, generate, pad, tokenize_conversation
+from pipeline.tracking import Tracker
+from pipeline.training import (
+    build_optimizer,
+    build_scheduler,
+    load_checkpoint,
+    resume_point,
+    save_checkpoint,
+)
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    ids = pad([b[0] for b in batch], pad_id, side="right")
+    return {
+        "input_ids": ids,
+        "attention_mask": pad([[1] * len(b[0]) for b in batch], 0, side="right"),
+        "labels": pad([b[1] for b in batch], IGNORE_INDEX, side="right"),
+    }
+
+
+def token_loss_sums(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of target-token NLL, number of target tokens) for one batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    )
+    return nll, (targets != IGNORE_INDEX).sum()
+
+
+@torch.no_grad()
+def eval_loss(model, loader, accelerator) -> float:
+    """Mean NLL per target token over the held-out rows of every process."""
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device)
+    for batch in loader:
+        nll, count = token_loss_sums(model, batch)
+        total += torch.stack([nll.detach().float(), count.float()])
+    model.train()
+    total = accelerator.reduce(total, reduction="sum")
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def run(cfg: Config) -> Path:
+    c = cfg.sft
+    accelerator = make_accelerator(cfg, c.mixed_precision, c.grad_accum_steps)
+    stage = StageDir(cfg, "sft", accelerator.is_main_process)
+    stage.start()
+    resume_from = resume_point(stage.checkpoints, cfg.run.resume)
+
+    # --- Setup: model, data, optimizer ------------------------------------------------------
+    with accelerator.main_process_first():
+        model, tok = load_policy(cfg.model, seed=cfg.run.seed)
+    if cfg.model.lora.enabled:
+        model = apply_lora(model, cfg.model.lora)
+    if c.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    n_trainable, n_total = trainable_parameters(model)
+
+    conversations = load_sft_conversations(cfg.data.sft)
+    random.Random(cfg.run.seed).shuffle(conversations)
+    eval_rows, train_rows = conversations[: c.eval_size], conversations[c.eval_size:]
+    if c.train_size is not None:
+        train_rows = train_rows[: c.train_size]
+
+    def encode(rows):
+        return [tokenize_conversation(tok, m, cfg.data.max_prompt_tokens, c.max_seq_len)
+                for m in rows]
+
+    train_set, eval_set = encode(train_rows), encode(eval_rows)
+    generator = torch.Generator().manual_seed(cfg.run.seed)
+    train_loader = DataLoader(train_set, batch_size=c.batch_size, shuffle=True,
+                              generator=generator,
+                              collate_fn=lambda b: collate(b, tok.pad_token_id))
+    eval_loader = DataLoader(eval_set, batch_size=c.batch_size,
+                             collate_fn=lambda b: collate(b, tok.pad_token_id))
+
+    steps_per_epoch = max(1, math.ceil(len(train_loader) / accelerator.num_processes
+                                       / c.grad_accum_steps))
+    total_steps = c.max_steps if c.max_steps > 0 else steps_per_epoch * c.epochs
+    optimizer = build_optimizer(model, c.lr, c.weight_decay)
+    scheduler = build_scheduler(optimizer, c.lr_scheduler, total_steps, c.warmup_ratio)
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler
+    )
+
+    step, epoch, batches_done = 0, 0, 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, accelerator, models={"policy": model},
+                                optimizers={"optimizer": optimizer, "scheduler": scheduler})
+        step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
+    tracker = Tracker(cfg, "sft", stage.path, accelerator.is_main_process,
+                      resume_step=step if resume_from else None)
+    metrics: dict[str, float] = {}
+    metrics["eval_loss_before"] = (
+        state["eval_loss_before"] if resume_from else eval_loss(model, eval_loader, accelerator)
+    )
+    tracker.log({"eval/loss": metrics["eval_loss_before"]}, step=step)
+
+    # --- Training loop -------------------------------------------------------------------------
+    start = time.time()
+    tokens_seen = 0
+    window_loss, window_tokens = 0.0, 0
+    bar = progress(total_steps, "sft", enabled=cfg.tracking.progress and
+                   accelerator.is_main_process, initial=step)
+    model.train()
+    while step < total_steps:
+        train_loader.set_epoch(epoch)
+        # A resumed run skips the batches its epoch already consumed, so it sees the same data.
+        batches = accelerator.skip_first_batches(train_loader, batches_done) \
+            if batches_done else train_loader
+        for batch in batches:
+            with accelerator.accumulate(model):
+                nll, count = token_loss_sums(model, batch)
+                loss = nll / count.clamp(min=1)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), c.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            batches_done += 1
+            window_loss += nll.item()
+            window_tokens += int(count)
+            tokens_seen += int(batch["attention_mask"].sum())
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            if step % c.log_every == 0 or step == total_steps:
+                elapsed = time.time() - start
+                tracker.log({
+                    "train/loss": window_loss / max(window_tokens, 1),
+                    "train/grad_norm": float(grad_norm),
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/epoch": epoch + batches_done / max(len(train_loader), 1),
+                    "perf/tokens_per_s": tokens_seen * accelerator.num_processes / elapsed,
+                }, step=step)
+                window_loss, window_tokens = 0.0, 0
+            if c.eval_every and step % c.eval_every == 0 and step < total_steps:
+                tracker.log({"eval/loss": eval_loss(model, eval_loader, accelerator)}, step=step)
+            if c.save_every and step % c.save_every == 0 and step < total_steps:
+                save_checkpoint(stage.checkpoints, step, accelerator, models={"policy": model},
+                                optimizers={"optimizer": optimizer, "scheduler": scheduler},
+                                state={"epoch": epoch, "batches_done": batches_done,
+                                       "eval_loss_before": metrics["eval_loss_before"]})
+            if step >= total_steps:
+                break
+        else:
+            epoch += 1
+            batches_done = 0
+    bar.close()
+    train_seconds = time.time() - start
+
+    # --- Final eval and samples ----------------------------------------------------------------
+    metrics["eval_loss_after"] = eval_loss(model, eval_loader, accelerator)
+    tracker.log({"eval/loss": metrics["eval_loss_after"]}, step=step)
+    policy = merged(accelerator.unwrap_model(model))
+    samples = []
+    if accelerator.is_main_process and c.num_samples:
+        prompts = load_prompts(cfg.data.eval, limit=c.num_samples)
+        encoded = [encode_prompt(tok, p.prompt, cfg.data.max_prompt_tokens) for p in prompts]
+        responses = generate(policy, tok, encoded, max_new_tokens=c.max_new_tokens,
+                             temperature=0.0)
+        samples = [{"prompt": p.prompt, "reference": p.reference, "response": decode(tok, r)}
+                   for p, r in zip(prompts, responses)]
+        stage.write_jsonl(stage.samples_path, samples)
+        tracker.log_table("samples", samples, step=step)
+
+    # --- Save --------------------------------------------------------------------------------
+    metrics.update({
+        "steps": step,
+        "train_rows": len(train_rows),
+        "eval_rows": len(eval_rows),
+        "train_seconds": round(train_seconds, 2),
+        "trainable_params": n_trainable,
+        "total_params": n_total,
+        "world_size": accelerator.num_processes,
+    })
+    if accelerator.is_main_process:
+        save_pretrained_atomic(policy, tok, stage.path / "model")
+    accelerator.wait_for_everyone()
+    tracker.summary(metrics)
+    tracker.close()
+    return stage.finish(metrics=metrics, base_model=cfg.model.name_or_path,
+                        tokenizer_sha256=tokenizer_sha256(tok),
+                        extras={"lora": cfg.model.lora.enabled, "init": cfg.model.init})
