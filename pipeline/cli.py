@@ -19,8 +19,9 @@ from pipeline.errors import PipelineError
 from pipeline.rundir import STAGES, read_manifest
 
 # stage command -> module in stages/
-STAGE_MODULES = {"sft": "stages.sft"}
-PIPELINE_ORDER = ("sft",)
+STAGE_MODULES = {"sft": "stages.sft", "label": "stages.label", "rm": "stages.reward",
+                 "ppo": "stages.ppo"}
+PIPELINE_ORDER = ("sft", "label", "rm", "ppo")
 
 USAGE = f"""rlhf COMMAND [--config FILE.yaml] [key=value ...]
 

@@ -133,6 +133,191 @@ class SFTConfig:
 
 
 @dataclass
+class AnnotatorsConfig:
+    """Simulated annotators over the gold judge (AlpacaFarm style)."""
+
+    # Annotators in the pool; each example is ranked by one of them, drawn at random.
+    n: int = 4
+    # Plackett-Luce sampling temperature over gold scores (0 = noiseless); spread 0.5x-1.5x
+    # across the pool.
+    temperature: float = 0.05
+    # Probability an annotator swaps one random adjacent pair of its ranking.
+    flip_prob: float = 0.1
+
+
+@dataclass
+class LabelConfig:
+    """Preference sampling: K responses per prompt from the SFT policy, ranked."""
+
+    # SFT stage folder to sample from; "" = <run>/sft.
+    policy: str = ""
+    # Responses per prompt.
+    k: int = 4
+    # Prompts of data.label used (None = all).
+    num_prompts: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    # Prompts per generate() call.
+    batch_size: int = 16
+    # Drop identical responses to a prompt (a prompt left with < 2 is skipped).
+    dedup: bool = True
+    # "minilm" (built-in) or "module:function".
+    judge: str = "minilm"
+    annotators: AnnotatorsConfig = field(default_factory=AnnotatorsConfig)
+
+
+@dataclass
+class RMConfig:
+    """Stage 2: the reward model on ranked responses (K-way batches, Bradley-Terry)."""
+
+    # Model the reward model starts from; "" = the SFT stage's model.
+    base: str = ""
+    # SFT stage folder (tokenizer check, normalization samples); "" = <run>/sft.
+    sft: str = ""
+    # Ranked JSONL; "" = data.ranked if set, else <run>/label/data.jsonl.
+    data: str = ""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    epochs: int = 1
+    # Optimizer steps; > 0 overrides epochs.
+    max_steps: int = -1
+    # Prompts (each with all its K responses) per process per micro-batch.
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    lr_scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    # Prompt + response tokens per sequence.
+    max_seq_len: int = 128
+    # Bradley-Terry margin: loss = -log sigmoid(r_chosen - r_rejected - margin).
+    margin: float = 0.0
+    # Prompts held out for accuracy/calibration before and after training.
+    eval_size: int = 100
+    calibration_bins: int = 10
+    # SFT responses (to data.ppo prompts) used to set the normalization bias and scale.
+    norm_samples: int = 128
+    norm_temperature: float = 0.7
+    max_new_tokens: int = 48
+    save_every: int = 0
+    eval_every: int = 0
+    log_every: int = 10
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class RewardComponent:
+    """One term of PPO's reward: the learned model, a rule, or a safety cost."""
+
+    # "model" (the reward model), "rule" (a reward) or "cost" (a cost: higher = worse).
+    type: str = "model"
+    # rule/cost: a built-in name (no_headword, length_bounds, profanity) or "module:function".
+    name: str = ""
+    # Weight in the reward sum (costs are subtracted unless ppo.lagrangian is on).
+    weight: float = 1.0
+    # Keyword arguments for a rule/cost function.
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class PPOConfig:
+    """Stage 3: PPO against the reward model with a KL penalty to the SFT reference."""
+
+    # SFT stage folder (policy and reference); "" = <run>/sft.
+    policy: str = ""
+    # Reward-model stage folder (reward and critic init); "" = <run>/rm.
+    reward_model: str = ""
+    # PPO updates (one rollout batch each).
+    num_updates: int = 100
+    # Prompts per process per rollout.
+    batch_size: int = 16
+    # Minibatches each rollout batch is split into per PPO epoch.
+    num_minibatches: int = 1
+    ppo_epochs: int = 4
+    # Prompts of data.ppo used (None = all), cycled through in order.
+    num_prompts: int | None = None
+    # Sampling: the same temperature divides the logits when scoring (item 6).
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    response_length: int = 48
+    # Subtracted from the score of a response that never emits EOS.
+    missing_eos_penalty: float = 1.0
+    # KL penalty coefficient beta (the initial value when adaptive).
+    kl_coef: float = 0.05
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    # KL estimator in the reward: k1 (unbiased per token), k2 or k3.
+    kl_estimator: str = "k1"
+    # Normalized scores are clipped to [-reward_clip, reward_clip].
+    reward_clip: float = 5.0
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    lr: float = 3e-6
+    critic_lr: float = 5e-6
+    adam_eps: float = 1e-5
+    weight_decay: float = 0.0
+    # "linear" decays to 0 over num_updates; "constant" keeps it.
+    lr_scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    # Updates that train only the critic before the policy moves.
+    critic_warmup_updates: int = 0
+    # LoRA mode: the policy is an adapter on the SFT model (the reference is the same base
+    # with the adapter off), the critic an adapter on the reward model.
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # PPO-ptx: coefficient of the LM loss on SFT demonstrations (0 = off).
+    ptx_coef: float = 0.0
+    ptx_batch_size: int = 8
+    # Reward terms; the default is the learned reward model alone.
+    rewards: list[RewardComponent] = field(default_factory=lambda: [RewardComponent()])
+    # Enforce costs as a constraint (PPO-Lagrangian) instead of subtracting them.
+    lagrangian: bool = False
+    lambda_init: float = 1.0
+    lambda_lr: float = 0.1
+    lambda_max: float = 5.0
+    cost_threshold: float = 0.0
+    # Forward-pass batch for scoring (reference, reward, values); 0 = whole rollout.
+    forward_batch_size: int = 0
+    log_every: int = 1
+    # Log a table of sample responses every N updates.
+    sample_every: int = 10
+    # Save a resumable checkpoint every N updates (0 = never).
+    save_every: int = 0
+    # Also save the policy's model/ every N updates for the overoptimization view (0 = never).
+    snapshot_every: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of base, SFT and PPO policies on the held-out split."""
+
+    # Stage folders; "" = the same run's.
+    sft: str = ""
+    ppo: str = ""
+    reward_model: str = ""
+    # Prompts of data.eval used (None = all).
+    num_prompts: int | None = None
+    temperature: float = 0.7
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    judge: str = "minilm"
+    # Bootstrap resamples for confidence intervals.
+    bootstrap: int = 1000
+    calibration_bins: int = 10
+
+
+@dataclass
 class RunConfig:
     """Where the run lives and how it executes."""
 
@@ -168,6 +353,10 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -185,6 +374,11 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "sft.lr_scheduler": ("linear", "cosine", "constant"),
     "sft.mixed_precision": ("no", "bf16", "fp16"),
+    "rm.lr_scheduler": ("linear", "cosine", "constant"),
+    "rm.mixed_precision": ("no", "bf16", "fp16"),
+    "ppo.lr_scheduler": ("linear", "constant"),
+    "ppo.kl_estimator": ("k1", "k2", "k3"),
+    "ppo.mixed_precision": ("no", "bf16", "fp16"),
     "run.device": ("auto", "cpu"),
     "tracking.wandb_mode": ("offline", "online", "disabled"),
 }
@@ -195,17 +389,53 @@ _POSITIVE = (
     "model.scratch.max_position_embeddings", "model.lora.r", "model.lora.alpha",
     "data.max_prompt_tokens", "sft.batch_size", "sft.grad_accum_steps", "sft.lr",
     "sft.max_seq_len", "sft.epochs", "sft.max_new_tokens", "sft.log_every",
+    "label.k", "label.max_new_tokens", "label.batch_size", "label.annotators.n",
+    "rm.batch_size", "rm.grad_accum_steps", "rm.lr", "rm.max_seq_len", "rm.epochs",
+    "rm.max_new_tokens", "rm.calibration_bins", "rm.log_every", "rm.lora.r", "rm.lora.alpha",
+    "ppo.num_updates", "ppo.batch_size", "ppo.num_minibatches", "ppo.ppo_epochs",
+    "ppo.response_length", "ppo.lr", "ppo.critic_lr", "ppo.adam_eps", "ppo.kl_target",
+    "ppo.kl_horizon", "ppo.reward_clip", "ppo.log_every", "ppo.lora.r", "ppo.lora.alpha",
+    "ppo.ptx_batch_size", "eval.max_new_tokens", "eval.batch_size", "eval.calibration_bins",
 )
 _NON_NEGATIVE = (
     "sft.weight_decay", "sft.max_grad_norm", "sft.eval_size", "sft.eval_every", "sft.num_samples",
     "sft.save_every", "run.threads", "model.lora.dropout", "sft.warmup_ratio",
+    "label.temperature", "label.annotators.temperature", "rm.weight_decay", "rm.max_grad_norm",
+    "rm.eval_size", "rm.norm_samples", "rm.norm_temperature", "rm.save_every", "rm.eval_every",
+    "rm.margin", "ppo.missing_eos_penalty", "ppo.kl_coef", "ppo.clip_range",
+    "ppo.clip_range_value", "ppo.vf_coef", "ppo.entropy_coef", "ppo.weight_decay",
+    "ppo.max_grad_norm", "ppo.critic_warmup_updates", "ppo.ptx_coef", "ppo.lambda_init",
+    "ppo.lambda_lr", "ppo.lambda_max", "ppo.forward_batch_size", "ppo.sample_every",
+    "ppo.save_every", "ppo.snapshot_every", "ppo.top_k", "eval.temperature", "eval.bootstrap",
 )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
+
+
+def _validate_rewards(ppo: PPOConfig) -> list[str]:
+    problems = []
+    if not ppo.rewards:
+        problems.append("ppo.rewards: expected at least one reward component")
+    for i, comp in enumerate(ppo.rewards):
+        key = f"ppo.rewards[{i}]"
+        if comp.type not in ("model", "rule", "cost"):
+            problems.append(f"{key}.type={comp.type!r}: expected one of model, rule, cost")
+        elif comp.type != "model" and not comp.name:
+            problems.append(f"{key}.name: a {comp.type} component needs a built-in name or "
+                            "module:function")
+    if ppo.lagrangian and not any(c.type == "cost" for c in ppo.rewards):
+        problems.append("ppo.lagrangian=true but ppo.rewards has no cost component")
+    if sum(c.type == "model" for c in ppo.rewards) > 1:
+        problems.append("ppo.rewards: at most one model component")
+    return problems
 
 
 def validate(cfg: Config) -> list[str]:
@@ -216,10 +446,10 @@ def validate(cfg: Config) -> list[str]:
         if value not in choices:
             problems.append(f"{key}={value!r}: expected one of {', '.join(choices)}")
     for key in _POSITIVE:
-        if _get(cfg, key) <= 0:
+        if _is_number(_get(cfg, key)) and _get(cfg, key) <= 0:
             problems.append(f"{key}={_get(cfg, key)!r}: expected > 0")
     for key in _NON_NEGATIVE:
-        if _get(cfg, key) < 0:
+        if _is_number(_get(cfg, key)) and _get(cfg, key) < 0:
             problems.append(f"{key}={_get(cfg, key)!r}: expected >= 0")
     s = cfg.model.scratch
     if s.num_heads > 0 and s.num_kv_heads > 0 and s.num_heads % s.num_kv_heads:
@@ -232,10 +462,26 @@ def validate(cfg: Config) -> list[str]:
             f"model.scratch.hidden_size={s.hidden_size}: must be a multiple of "
             f"model.scratch.num_heads={s.num_heads}"
         )
-    if not 0 <= cfg.sft.warmup_ratio < 1:
-        problems.append(f"sft.warmup_ratio={cfg.sft.warmup_ratio}: expected in [0, 1)")
-    if cfg.sft.train_size is not None and cfg.sft.train_size <= 0:
-        problems.append(f"sft.train_size={cfg.sft.train_size}: expected > 0 or null")
+    for key in ("sft.warmup_ratio", "rm.warmup_ratio"):
+        if not 0 <= _get(cfg, key) < 1:
+            problems.append(f"{key}={_get(cfg, key)}: expected in [0, 1)")
+    for key in ("label.annotators.flip_prob", "ppo.lam", "ppo.gamma"):
+        if not 0 <= _get(cfg, key) <= 1:
+            problems.append(f"{key}={_get(cfg, key)}: expected in [0, 1]")
+    for key in ("label.top_p", "ppo.top_p"):
+        if not 0 < _get(cfg, key) <= 1:
+            problems.append(f"{key}={_get(cfg, key)}: expected in (0, 1]")
+    for key in ("sft.train_size", "label.num_prompts", "ppo.num_prompts", "eval.num_prompts"):
+        if _get(cfg, key) is not None and _get(cfg, key) <= 0:
+            problems.append(f"{key}={_get(cfg, key)}: expected > 0 or null")
+    if cfg.label.k < 2:
+        problems.append(f"label.k={cfg.label.k}: expected >= 2 (a ranking needs two responses)")
+    if cfg.ppo.temperature <= 0:
+        problems.append(f"ppo.temperature={cfg.ppo.temperature}: expected > 0 (PPO samples)")
+    if cfg.ppo.batch_size % cfg.ppo.num_minibatches:
+        problems.append(f"ppo.num_minibatches={cfg.ppo.num_minibatches}: must divide "
+                        f"ppo.batch_size={cfg.ppo.batch_size}")
+    problems += _validate_rewards(cfg.ppo)
     if not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", ".."):
         problems.append(f"run.name={cfg.run.name!r}: expected a plain folder name")
     if cfg.run.resume and cfg.run.overwrite:
@@ -317,7 +563,11 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
                 return str(value)
             problems.append(f"{key}={value!r}: expected a string")
         return value
-    if tp is Any or tp is dict:
+    if tp is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}={value!r}: expected a mapping")
+        return value
+    if tp is Any:
         return value
     problems.append(f"{key}: unsupported field type {tp}")
     return value
@@ -392,8 +642,11 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] = ()
         problems += [f"{path}: {p}" for p in file_problems]
     parsed = dict(parse_override(o) for o in overrides)
     cfg = _build(Config, _nest(parsed), "", problems, base=cfg)
-    if not problems:
-        problems = validate(cfg)
+    try:
+        problems += validate(cfg)
+    except TypeError:
+        # A wrongly typed value (already reported) broke a cross-key check.
+        pass
     if problems:
         raise ConfigError(problems)
     return cfg
