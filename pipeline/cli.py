@@ -81,7 +81,7 @@ def status(run_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     if args.command == "status":
         if len(args.rest) != 1:
             print("error: usage: rlhf status RUN_DIR", file=sys.stderr)
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in stages:
             path = run_stage(name, cfg)
+            if os.environ.get("RANK", "0") != "0":
+                continue
             manifest = read_manifest(path) or {}
             print(f"[{name}] complete: {path}\n"
                   f"[{name}] metrics: {json.dumps(manifest.get('metrics', {}))}")

@@ -285,6 +285,8 @@ class PPOConfig:
     lambda_lr: float = 0.1
     lambda_max: float = 5.0
     cost_threshold: float = 0.0
+    # Gold judge scored on every rollout for the curves ("" = off); never used as reward.
+    gold_judge: str = "minilm"
     # Forward-pass batch for scoring (reference, reward, values); 0 = whole rollout.
     forward_batch_size: int = 0
     log_every: int = 1
@@ -591,7 +593,12 @@ def _build(cls: type, values: dict, prefix: str, problems: list[str], base: Any 
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):
             setattr(obj, name, _build(tp, value, key, problems, base=current))
         else:
-            setattr(obj, name, _coerce(value, tp, key, problems))
+            before = len(problems)
+            coerced = _coerce(value, tp, key, problems)
+            # A mistyped value (already reported) keeps the previous one, so the value checks
+            # in validate() still run on sound types and report every other problem too.
+            if len(problems) == before:
+                setattr(obj, name, coerced)
     return obj
 
 

@@ -23,11 +23,21 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class ScoreModel(torch.nn.Module):
-    """Per-token scalar outputs of a sequence classifier: ``forward -> (B, T, num_labels)``."""
+    """Per-token scalar outputs of a sequence classifier: ``forward -> (B, T, C)``.
 
-    def __init__(self, model: torch.nn.Module):
+    ``extra_outputs`` adds zero-initialised linear outputs on the same hidden states after the
+    model's own head (PPO-Lagrangian's cost value rides on the critic this way).
+    """
+
+    def __init__(self, model: torch.nn.Module, extra_outputs: int = 0):
         super().__init__()
         self.model = model
+        self.extra = None
+        if extra_outputs:
+            width = hf_model(model).config.hidden_size
+            self.extra = torch.nn.Linear(width, extra_outputs, bias=True)
+            torch.nn.init.zeros_(self.extra.weight)
+            torch.nn.init.zeros_(self.extra.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         inner = hf_model(self.model)
@@ -35,7 +45,10 @@ class ScoreModel(torch.nn.Module):
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=position_ids).last_hidden_state  # (B, T, d)
-        return inner.score(hidden).float()  # (B, T, C)
+        scores = inner.score(hidden).float()  # (B, T, num_labels)
+        if self.extra is not None:
+            scores = torch.cat([scores, self.extra(hidden).float()], dim=-1)
+        return scores
 
 
 def sequence_scores(scorer: torch.nn.Module, input_ids: torch.Tensor,
