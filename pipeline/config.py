@@ -7,6 +7,7 @@ values) is collected and raised once as a ``ConfigError`` so the user fixes them
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import types
@@ -649,11 +650,9 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] = ()
         problems += [f"{path}: {p}" for p in file_problems]
     parsed = dict(parse_override(o) for o in overrides)
     cfg = _build(Config, _nest(parsed), "", problems, base=cfg)
-    try:
+    # A wrongly typed value (already reported) may break a cross-key check.
+    with contextlib.suppress(TypeError):
         problems += validate(cfg)
-    except TypeError:
-        # A wrongly typed value (already reported) broke a cross-key check.
-        pass
     if problems:
         raise ConfigError(problems)
     return cfg
