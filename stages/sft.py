@@ -110,7 +110,9 @@ def run(cfg: Config) -> Path:
                                        / c.grad_accum_steps))
     total_steps = c.max_steps if c.max_steps > 0 else steps_per_epoch * c.epochs
     optimizer = build_optimizer(model, c.lr, c.weight_decay)
-    scheduler = build_scheduler(optimizer, c.lr_scheduler, total_steps, c.warmup_ratio)
+    # accelerate's prepared scheduler steps once per process on every optimizer step.
+    scheduler = build_scheduler(optimizer, c.lr_scheduler, total_steps * accelerator.num_processes,
+                                c.warmup_ratio)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
@@ -126,7 +128,8 @@ def run(cfg: Config) -> Path:
     metrics["eval_loss_before"] = (
         state["eval_loss_before"] if resume_from else eval_loss(model, eval_loader, accelerator)
     )
-    tracker.log({"eval/loss": metrics["eval_loss_before"]}, step=step)
+    if resume_from is None:  # a resumed run kept this row (step 0) in metrics.jsonl
+        tracker.log({"eval/loss": metrics["eval_loss_before"]}, step=step)
 
     # --- Training loop -------------------------------------------------------------------------
     start = time.time()
@@ -137,6 +140,9 @@ def run(cfg: Config) -> Path:
     model.train()
     while step < total_steps:
         train_loader.set_epoch(epoch)
+        # The shuffle order is a function of (seed, epoch) alone, so a run resumed in a later
+        # epoch draws the same order as an uninterrupted one (the generator isn't checkpointed).
+        generator.manual_seed(cfg.run.seed + epoch)
         # A resumed run skips the batches its epoch already consumed, so it sees the same data.
         batches = accelerator.skip_first_batches(train_loader, batches_done) \
             if batches_done else train_loader

@@ -1,0 +1,221 @@
+"""Config loading: defaults <- YAML <- dotted overrides, types, and errors reported all at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import (
+    Config,
+    ConfigError,
+    RewardComponent,
+    config_sha256,
+    load_config,
+    parse_override,
+    to_yaml,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_load():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.model.name_or_path == "smollm2-135m-instruct"
+    assert cfg.sft.lr == 2e-4 and isinstance(cfg.sft.lr, float)
+    assert [c.type for c in cfg.ppo.rewards] == ["model"]
+    assert cfg.run_dir == Path("runs") / "default"
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = write(tmp_path / "c.yaml", "sft:\n  lr: 0.1\n  batch_size: 3\nrun:\n  name: fromfile\n")
+    cfg = load_config(f)
+    assert (cfg.sft.lr, cfg.sft.batch_size, cfg.run.name) == (0.1, 3, "fromfile")
+    cfg = load_config(f, ["sft.lr=0.5", "run.name=fromcli"])
+    # The override wins over the file, the file over the defaults, untouched keys keep theirs.
+    assert (cfg.sft.lr, cfg.sft.batch_size, cfg.run.name) == (0.5, 3, "fromcli")
+    assert cfg.sft.epochs == Config().sft.epochs
+
+
+def test_nested_file_section_keeps_other_defaults(tmp_path):
+    f = write(tmp_path / "c.yaml", "model:\n  scratch:\n    num_layers: 3\n")
+    cfg = load_config(f)
+    assert cfg.model.scratch.num_layers == 3
+    assert cfg.model.scratch.hidden_size == Config().model.scratch.hidden_size
+    assert cfg.model.name_or_path == Config().model.name_or_path
+
+
+def test_dotted_overrides_nested_list_null_and_float():
+    cfg = load_config(None, [
+        "model.scratch.hidden_size=8",
+        "model.scratch.num_heads=2",
+        "model.scratch.num_kv_heads=1",
+        "ppo.rewards=[{type: model}, {type: rule, name: no_headword, weight: 0.5}]",
+        "sft.train_size=null",
+        "label.num_prompts=7",
+        "sft.lr=1e-4",
+        "model.lora.target_modules=q_proj,v_proj",
+        "run.resume=true",
+    ])
+    assert cfg.model.scratch.hidden_size == 8
+    assert cfg.ppo.rewards == [RewardComponent(type="model"),
+                               RewardComponent(type="rule", name="no_headword", weight=0.5)]
+    assert all(isinstance(c, RewardComponent) for c in cfg.ppo.rewards)
+    assert cfg.sft.train_size is None
+    assert cfg.label.num_prompts == 7
+    assert cfg.sft.lr == 1e-4 and isinstance(cfg.sft.lr, float)
+    assert cfg.model.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.run.resume is True
+
+
+def test_float_from_yaml_file_without_dot(tmp_path):
+    # YAML 1.1 reads 1e-4 as a string; a float field takes it as the number.
+    cfg = load_config(write(tmp_path / "c.yaml", "ppo:\n  lr: 1e-4\n"))
+    assert cfg.ppo.lr == 1e-4 and isinstance(cfg.ppo.lr, float)
+
+
+def test_int_is_accepted_for_float_and_string_fields():
+    cfg = load_config(None, ["sft.lr=1", "run.name=123"])
+    assert cfg.sft.lr == 1.0 and isinstance(cfg.sft.lr, float)
+    assert cfg.run.name == "123"
+
+
+def test_parse_override():
+    assert parse_override("ppo.kl_coef=0.02") == ("ppo.kl_coef", 0.02)
+    assert parse_override("run.name=a=b") == ("run.name", "a=b")
+    assert parse_override("run.name=") == ("run.name", "")
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_override("sft.lr")
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["sft.no_such_key=1"])
+    assert "sft.no_such_key" in str(exc.value)
+    assert "unknown key" in str(exc.value)
+    assert exc.value.problems == [p for p in exc.value.problems if "sft.no_such_key" in p]
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(ConfigError, match="nosection"):
+        load_config(None, ["nosection.x=1"])
+
+
+def test_unknown_key_in_file_names_file(tmp_path):
+    f = write(tmp_path / "c.yaml", "ppo:\n  kl_coeff: 0.1\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(f)
+    assert str(f) in str(exc.value) and "ppo.kl_coeff" in str(exc.value)
+
+
+def test_every_problem_in_one_error():
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [
+            "sft.batch_size=abc",          # wrong type
+            "sft.no_such_key=1",           # unknown key
+            "ppo.kl_estimator=k9",         # bad choice
+            "run.resume=true",             # contradiction with overwrite
+            "run.overwrite=true",
+        ])
+    problems = exc.value.problems
+    text = str(exc.value)
+    assert len(problems) == 4, problems
+    for fragment in ("sft.batch_size", "abc", "sft.no_such_key", "ppo.kl_estimator", "k9",
+                     "run.resume", "run.overwrite"):
+        assert fragment in text
+    # One problem per line, each naming its key.
+    assert text.count("\n") == 4
+
+
+def test_wrong_type_does_not_hide_value_checks():
+    """A mistyped value must not swallow the checks on other keys (all problems at once)."""
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["sft.warmup_ratio=abc", "run.resume=true", "run.overwrite=true"])
+    text = str(exc.value)
+    assert "sft.warmup_ratio" in text
+    assert "run.overwrite" in text
+
+
+@pytest.mark.parametrize(("override", "fragment"), [
+    ("sft.lr=-1", "sft.lr"),
+    ("sft.warmup_ratio=1.5", "sft.warmup_ratio"),
+    ("model.init=random", "model.init"),
+    ("model.scratch.num_kv_heads=3", "num_kv_heads"),
+    ("label.k=1", "label.k"),
+    ("ppo.num_minibatches=3", "ppo.num_minibatches"),
+    ("run.name=a/b", "run.name"),
+    ("ppo.lagrangian=true", "ppo.lagrangian"),
+    ("run.resume=yes please", "run.resume"),
+    ("sft.batch_size=2.5", "sft.batch_size"),
+])
+def test_bad_values(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_lora_on_scratch_contradicts():
+    with pytest.raises(ConfigError, match="model.lora.enabled"):
+        load_config(None, ["model.init=scratch", "model.lora.enabled=true"])
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    f = write(tmp_path / "bad.yaml", "sft:\n  lr: 0.1\n  batch_size: [1, 2\nrun:\n  name: x\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(f)
+    text = str(exc.value)
+    assert f"{f}:" in text
+    line = int(text.split(f"{f}:")[1].split(":")[0])
+    assert 3 <= line <= 5
+    assert "invalid YAML" in text
+
+
+def test_missing_config_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="no such config file") as exc:
+        load_config(missing)
+    assert str(missing) in str(exc.value)
+
+
+def test_top_level_not_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path / "c.yaml", "- a\n- b\n"))
+
+
+def test_cli_unknown_key_exits_2(capsys):
+    code = main(["sft", "--config", str(REPO / "configs" / "quick.yaml"), "sft.no_such_key=1"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "sft.no_such_key" in captured.err
+    assert captured.out == ""
+
+
+def test_cli_missing_config_exits_2(capsys, tmp_path):
+    assert main(["sft", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "none.yaml" in capsys.readouterr().err
+
+
+def test_sha_and_yaml_round_trip(tmp_path):
+    cfg = load_config(None, ["sft.lr=0.01", "ppo.rewards=[{type: model}, {type: cost, name: profanity}]"])
+    again = load_config(write(tmp_path / "resolved.yaml", to_yaml(cfg)))
+    assert again == cfg
+    assert config_sha256(again) == config_sha256(cfg)
+    assert config_sha256(cfg) != config_sha256(Config())
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in SHIPPED}
+    assert {"quick.yaml", "gpu_single.yaml", "gpu_multi.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
