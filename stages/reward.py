@@ -1,0 +1,437 @@
+"""Stage 2: the reward model, trained on ranked responses (K-way batches, Bradley-Terry).
+
+A batch is a set of prompts, each with all K of its ranked responses (InstructGPT): every
+response is encoded once and all C(K,2) pairs of a prompt are trained together, each prompt
+counting once whatever its K. Splitting a ranking into separate pair rows instead would show
+the model the same response in many steps and overfit it. The reward is the scalar head read at
+the last real token (``stages.scoring``), not the pooled logits of the transformers class.
+
+After training, the SFT policy's own responses to PPO prompts fix a normalization that PPO
+applies, ``(score + norm_bias) * norm_scale``, with mean 0 and std 1 on those responses.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch.utils.data import DataLoader
+
+from pipeline.config import Config
+from pipeline.data import DataError, load_prompts, load_ranked, read_jsonl
+from pipeline.errors import PipelineError
+from pipeline.models import (
+    apply_lora,
+    load_policy,
+    load_reward_backbone,
+    load_tokenizer,
+    merged,
+    save_pretrained_atomic,
+    tokenizer_sha256,
+    trainable_parameters,
+)
+from pipeline.progress import progress
+from pipeline.rundir import Parent, StageDir, check_same_tokenizer, open_parent, stage_dir
+from pipeline.runtime import make_accelerator
+from pipeline.text import encode_prompt, generate, pad
+from pipeline.tracking import Tracker
+from pipeline.training import (
+    build_optimizer,
+    build_scheduler,
+    load_checkpoint,
+    resume_point,
+    save_checkpoint,
+)
+from stages.judge import gold_ranks
+from stages.ops import bradley_terry_loss, bradley_terry_pairs, expected_calibration_error
+from stages.scoring import ScoreModel, sequence_scores
+
+# Held-out prompts whose responses and rewards go to samples.jsonl.
+NUM_SAMPLES = 4
+
+
+@dataclass(frozen=True)
+class Group:
+    """One prompt with its K encoded responses and their rankings."""
+
+    prompt: str
+    responses: tuple[str, ...]
+    sequences: tuple[tuple[int, ...], ...]
+    # The annotators' ranks, 0 = best.
+    ranks: tuple[int, ...]
+    # Noiseless ranks from the gold judge's scores, where the data carries them.
+    gold: tuple[int, ...] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: parents, data, encoding
+# ---------------------------------------------------------------------------------------------
+
+
+def open_inputs(cfg: Config) -> tuple[Parent, Parent | None, str]:
+    """(SFT parent, label parent or None, ranked data source), every tokenizer checked."""
+    sft = open_parent(stage_dir(cfg, "sft", cfg.rm.sft), "sft", "rm.sft")
+    source = cfg.rm.data or cfg.data.ranked
+    label = None
+    if not source:
+        label = open_parent(stage_dir(cfg, "label", None), "label", "rm.data (label stage)")
+        policy_sha = sft.manifest.get("tokenizer_sha256") or ""
+        check_same_tokenizer(policy_sha, label, "rm.data (label stage)")
+        source = str(label.path / "data.jsonl")
+    return sft, label, source
+
+
+def gold_rankings(source: str, n_rows: int) -> list[tuple[int, ...] | None]:
+    """Gold ranks per row from the label stage's ``gold_scores`` (None where a row has none).
+
+    ``load_ranked`` keeps only what every ranked format has, so the extra field is read from
+    the raw rows; a JSONL file's non-blank lines are the rows ``load_ranked`` parsed, in order.
+    Other sources (a saved dataset, a hub id) carry no gold scores.
+    """
+    path = Path(source)
+    if not path.is_file():
+        return [None] * n_rows
+    out: list[tuple[int, ...] | None] = []
+    for line, row in read_jsonl(path):
+        scores = row.get("gold_scores")
+        if scores is None:
+            out.append(None)
+            continue
+        k = len(row.get("responses") or ())
+        if not isinstance(scores, list) or len(scores) != k:
+            raise DataError(f'{path}:{line}: expected "gold_scores" to be a list of {k} numbers '
+                            "(one per response)")
+        try:
+            out.append(tuple(gold_ranks(scores)))
+        except (TypeError, ValueError) as exc:
+            raise DataError(f'{path}:{line}: "gold_scores": {exc}') from None
+    return out
+
+
+def encode_group(tok, prompt: str, responses: tuple[str, ...], max_prompt_tokens: int,
+                 max_seq_len: int) -> tuple[tuple[tuple[int, ...], ...], int]:
+    """Prompt + response + EOS per response, as the policy saw them; (sequences, n truncated).
+
+    The EOS is appended because the reward is read at the last token, and PPO scores sampled
+    responses that end in the EOS the policy emitted.
+    """
+    head = encode_prompt(tok, prompt, max_prompt_tokens)
+    sequences, truncated = [], 0
+    for response in responses:
+        ids = head + tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        truncated += len(ids) > max_seq_len
+        sequences.append(tuple(ids[:max_seq_len]))
+    return tuple(sequences), truncated
+
+
+def padded(sequences, pad_id: int) -> dict[str, torch.Tensor]:
+    return {"input_ids": pad(sequences, pad_id, side="right"),
+            "attention_mask": pad([[1] * len(s) for s in sequences], 0, side="right")}
+
+
+def collate(groups: list[Group], pad_id: int) -> dict[str, torch.Tensor]:
+    """Every response of every prompt in one padded batch, plus the pairs its ranks imply."""
+    chosen, rejected, weight = bradley_terry_pairs([g.ranks for g in groups])
+    batch = padded([s for g in groups for s in g.sequences], pad_id)
+    batch.update(chosen=chosen, rejected=rejected, pair_weight=weight)
+    return batch
+
+
+def ranked_loss(scorer: torch.nn.Module, batch: dict[str, torch.Tensor], margin: float = 0.0):
+    """Mean over prompts of each prompt's mean pairwise Bradley-Terry loss; (loss, stats)."""
+    rewards = sequence_scores(scorer, batch["input_ids"], batch["attention_mask"])
+    return bradley_terry_loss(rewards, batch["chosen"], batch["rejected"], batch["pair_weight"],
+                              margin)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring and evaluation (unwrapped model: shards differ in size, so no DDP collectives here)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score_sequences(scorer: torch.nn.Module, sequences, pad_id: int, batch_size: int,
+                    device: torch.device) -> torch.Tensor:
+    """(N,) rewards on the CPU, in ``batch_size`` chunks."""
+    was_training = scorer.training
+    scorer.eval()
+    out = []
+    for start in range(0, len(sequences), batch_size):
+        batch = padded(sequences[start: start + batch_size], pad_id)
+        out.append(sequence_scores(scorer, batch["input_ids"].to(device),
+                                   batch["attention_mask"].to(device)).cpu())
+    scorer.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def pair_gaps(rewards: torch.Tensor, rankings: list[tuple[int, ...]]) -> list[float]:
+    """r_better - r_worse for every strictly ordered pair of ``rankings`` (flat rewards)."""
+    chosen, rejected, _ = bradley_terry_pairs(rankings)
+    return (rewards[chosen] - rewards[rejected]).tolist()
+
+
+def evaluate(scorer: torch.nn.Module, groups: list[Group], accelerator: Accelerator,
+             batch_size: int, n_bins: int, pad_id: int) -> tuple[dict[str, float], list[dict]]:
+    """Pairwise accuracy (annotators, gold), mean margin and calibration over all processes.
+
+    Calibration is that of the model's pairwise prediction: it prefers the higher reward with
+    confidence sigmoid(|r_i - r_j|), and is right when the annotators ranked the same way
+    (a tie in reward is a wrong prediction at confidence 0.5, as in the accuracy).
+    """
+    shard = groups[accelerator.process_index:: accelerator.num_processes]
+    sequences = [s for g in shard for s in g.sequences]
+    rewards = score_sequences(scorer, sequences, pad_id, batch_size * 4, accelerator.device)
+    annotator = gather_object(pair_gaps(rewards, [g.ranks for g in shard]))
+    gold = gather_object(pair_gaps(rewards, [g.gold or (0,) * len(g.ranks) for g in shard]))
+    if not annotator:
+        return {}, []
+    gaps = torch.tensor(annotator, dtype=torch.float64)
+    ece, bins = expected_calibration_error(torch.sigmoid(gaps.abs()), gaps > 0, n_bins)
+    metrics = {
+        "eval_accuracy": (gaps > 0).double().mean().item(),
+        "eval_margin": gaps.mean().item(),
+        "eval_ece": ece,
+        "eval_pairs": len(annotator),
+    }
+    if gold:
+        metrics["eval_accuracy_gold"] = (torch.tensor(gold) > 0).double().mean().item()
+        metrics["eval_pairs_gold"] = len(gold)
+    return metrics, bins
+
+
+def as_logged(metrics: dict[str, float]) -> dict[str, float]:
+    return {k.replace("eval_", "eval/", 1): v for k, v in metrics.items()}
+
+
+def normalization(scorer: torch.nn.Module, policy, tok, cfg: Config,
+                  accelerator: Accelerator) -> tuple[dict, dict]:
+    """Score the SFT policy's samples on PPO prompts; (extras, raw metrics).
+
+    Normalizing on the policy PPO starts from puts its initial rewards at mean 0 / std 1,
+    so reward_clip and the KL coefficient mean the same thing whatever the RM's scale.
+    """
+    c = cfg.rm
+    n = c.norm_samples
+    if n == 0:
+        return {"norm_bias": 0.0, "norm_scale": 1.0, "norm_samples": 0}, {}
+    prompts = load_prompts(cfg.data.ppo, limit=n)
+    # Fewer prompts than samples: cycle them; sampling makes the repeats different responses.
+    mine = [encode_prompt(tok, prompts[i % len(prompts)].prompt, cfg.data.max_prompt_tokens)
+            for i in range(accelerator.process_index, n, accelerator.num_processes)]
+    responses = generate(policy, tok, mine, max_new_tokens=c.max_new_tokens,
+                         temperature=c.norm_temperature)
+    sequences = [p + r for p, r in zip(mine, responses)]
+    local = score_sequences(scorer, sequences, tok.pad_token_id, c.batch_size * 4,
+                            accelerator.device)
+    scores = torch.tensor(gather_object(local.tolist()), dtype=torch.float64)
+    mean = scores.mean().item()
+    # Population std: the stored scale then gives exactly std 1 on these samples.
+    std = scores.std(unbiased=False).item()
+    extras = {"norm_bias": -mean, "norm_scale": 1.0 / std if std > 0 else 1.0,
+              "norm_samples": len(scores)}
+    return extras, {"norm_mean": mean, "norm_std": std}
+
+
+def sample_rows(scorer: torch.nn.Module, groups: list[Group], norm: dict, pad_id: int,
+                device: torch.device) -> list[dict]:
+    rows = []
+    for g in groups:
+        rewards = score_sequences(scorer, list(g.sequences), pad_id, len(g.sequences), device)
+        for k, (response, reward) in enumerate(zip(g.responses, rewards.tolist())):
+            rows.append({
+                "prompt": g.prompt,
+                "response": response,
+                "rank": g.ranks[k],
+                "gold_rank": g.gold[k] if g.gold else None,
+                "reward": reward,
+                "normalized_reward": (reward + norm["norm_bias"]) * norm["norm_scale"],
+            })
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+def run(cfg: Config) -> Path:
+    c = cfg.rm
+    sft, label, source = open_inputs(cfg)
+    tok = load_tokenizer(str(sft.model_dir), cfg.model)
+    tok_sha = tokenizer_sha256(tok)
+    # A manifest that does not describe its own model/ (an edited or mixed-up copy) is refused.
+    check_same_tokenizer(tok_sha, sft, "rm.sft")
+    if c.base and tokenizer_sha256(load_tokenizer(c.base, cfg.model)) != tok_sha:
+        raise PipelineError(f"rm.base={c.base!r} has a different tokenizer from the SFT policy "
+                            f"in {sft.path}; the policy and reward model must share one tokenizer")
+
+    accelerator = make_accelerator(cfg, c.mixed_precision, c.grad_accum_steps)
+    stage = StageDir(cfg, "rm", accelerator.is_main_process)
+    stage.start()
+    resume_from = resume_point(stage.checkpoints, cfg.run.resume)
+
+    # --- Setup: data, model, optimizer ---------------------------------------------------------
+    examples = load_ranked(source)
+    golds = gold_rankings(source, len(examples))
+    groups, truncated = [], 0
+    for ex, gold in zip(examples, golds):
+        sequences, cut = encode_group(tok, ex.prompt, ex.responses, cfg.data.max_prompt_tokens,
+                                      c.max_seq_len)
+        groups.append(Group(ex.prompt, ex.responses, sequences, ex.ranks, gold))
+        truncated += cut
+    random.Random(cfg.run.seed).shuffle(groups)
+    if c.eval_size >= len(groups):
+        raise PipelineError(f"rm.eval_size={c.eval_size} leaves no training prompts: {source} "
+                            f"has {len(groups)} ranked prompts")
+    eval_groups, train_groups = groups[: c.eval_size], groups[c.eval_size:]
+
+    with accelerator.main_process_first():
+        backbone = load_reward_backbone(c.base or str(sft.model_dir), cfg.model, tok,
+                                        seed=cfg.run.seed)
+    if c.lora.enabled:
+        backbone = apply_lora(backbone, c.lora, task_type="SEQ_CLS", modules_to_save=["score"])
+    if c.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable()
+    scorer = ScoreModel(backbone)
+    n_trainable, n_total = trainable_parameters(scorer)
+
+    shuffler = torch.Generator()
+    loader = DataLoader(train_groups, batch_size=c.batch_size, shuffle=True, generator=shuffler,
+                        collate_fn=partial(collate, pad_id=tok.pad_token_id))
+    steps_per_epoch = max(1, math.ceil(len(loader) / accelerator.num_processes
+                                       / c.grad_accum_steps))
+    total_steps = c.max_steps if c.max_steps > 0 else steps_per_epoch * c.epochs
+    optimizer = build_optimizer(scorer, c.lr, c.weight_decay)
+    # A prepared scheduler steps once per process at every optimizer step (accelerate assumes
+    # a length counted before sharding), so its horizon is counted the same way.
+    scheduler = build_scheduler(optimizer, c.lr_scheduler,
+                                total_steps * accelerator.num_processes, c.warmup_ratio)
+    scorer, optimizer, loader, scheduler = accelerator.prepare(scorer, optimizer, loader,
+                                                               scheduler)
+    checkpointed = {"models": {"reward": scorer},
+                    "optimizers": {"optimizer": optimizer, "scheduler": scheduler}}
+
+    def run_eval() -> tuple[dict[str, float], list[dict]]:
+        return evaluate(accelerator.unwrap_model(scorer), eval_groups, accelerator,
+                        c.batch_size, c.calibration_bins, tok.pad_token_id)
+
+    step, epoch, batches_done = 0, 0, 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, accelerator, **checkpointed)
+        step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
+        before = state["before"]
+    else:
+        before, _ = run_eval()
+    tracker = Tracker(cfg, "rm", stage.path, accelerator.is_main_process,
+                      resume_step=step if resume_from else None)
+    if not resume_from:
+        tracker.log(as_logged(before), step=step)
+
+    # --- Training loop -------------------------------------------------------------------------
+    start = time.time()
+    sequences_seen = 0
+    # Summed over the log window: loss, accuracy, margin, micro-batches.
+    window = torch.zeros(4, device=accelerator.device)
+    bar = progress(total_steps, "rm", enabled=cfg.tracking.progress and
+                   accelerator.is_main_process, initial=step)
+    scorer.train()
+    while step < total_steps:
+        # Each epoch's order depends on the epoch alone, so a resumed run reshuffles the same.
+        shuffler.manual_seed(cfg.run.seed + epoch)
+        loader.set_epoch(epoch)
+        # Skipping what this epoch already consumed makes a resumed run see the same batches.
+        batches = accelerator.skip_first_batches(loader, batches_done) if batches_done \
+            else loader
+        for batch in batches:
+            with accelerator.accumulate(scorer):
+                loss, stats = ranked_loss(scorer, batch, c.margin)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), c.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            batches_done += 1
+            sequences_seen += batch["input_ids"].shape[0]
+            window += torch.stack([loss.detach(), stats["accuracy"], stats["margin"],
+                                   loss.new_ones(())])
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            if step % c.log_every == 0 or step == total_steps:
+                totals = accelerator.reduce(window, reduction="sum")
+                n = totals[3].clamp(min=1)
+                tracker.log({
+                    "train/loss": totals[0] / n,
+                    "train/accuracy": totals[1] / n,
+                    "train/margin": totals[2] / n,
+                    "train/grad_norm": float(grad_norm),
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/epoch": epoch + batches_done / max(len(loader), 1),
+                    "perf/sequences_per_s":
+                        sequences_seen * accelerator.num_processes / (time.time() - start),
+                }, step=step)
+                window.zero_()
+            if c.eval_every and step % c.eval_every == 0 and step < total_steps:
+                tracker.log(as_logged(run_eval()[0]), step=step)
+            if c.save_every and step % c.save_every == 0 and step < total_steps:
+                save_checkpoint(stage.checkpoints, step, accelerator, **checkpointed,
+                                state={"epoch": epoch, "batches_done": batches_done,
+                                       "before": before})
+            if step >= total_steps:
+                break
+        else:
+            epoch += 1
+            batches_done = 0
+    bar.close()
+    train_seconds = time.time() - start
+
+    # --- Final eval, normalization, samples ----------------------------------------------------
+    after, calibration = run_eval()
+    tracker.log(as_logged(after), step=step)
+    reward_model = merged(accelerator.unwrap_model(scorer).model)
+    final = ScoreModel(reward_model)
+    policy, _ = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(sft.model_dir))
+    norm, norm_metrics = normalization(final, policy.to(accelerator.device), tok, cfg,
+                                       accelerator)
+    del policy
+    tracker.log({f"norm/{k[5:]}": v for k, v in norm_metrics.items()}, step=step)
+    if accelerator.is_main_process:
+        samples = sample_rows(final, eval_groups[:NUM_SAMPLES], norm, tok.pad_token_id,
+                              accelerator.device)
+        stage.write_jsonl(stage.samples_path, samples)
+        tracker.log_table("samples", samples, step=step)
+
+    # --- Save --------------------------------------------------------------------------------
+    metrics: dict[str, float] = {}
+    for suffix, values in (("before", before), ("after", after)):
+        metrics.update({f"{k}_{suffix}": v for k, v in values.items() if "pairs" not in k})
+    metrics.update({
+        "eval_pairs": after.get("eval_pairs", 0),
+        **norm_metrics,
+        "steps": step,
+        "train_rows": len(train_groups),
+        "eval_rows": len(eval_groups),
+        "truncated_responses": truncated,
+        "train_seconds": round(train_seconds, 2),
+        "trainable_params": n_trainable,
+        "total_params": n_total,
+        "world_size": accelerator.num_processes,
+    })
+    if accelerator.is_main_process:
+        save_pretrained_atomic(reward_model, tok, stage.path / "model")
+    accelerator.wait_for_everyone()
+    tracker.summary(metrics)
+    tracker.close()
+    parents = {"sft": sft, **({"label": label} if label else {})}
+    return stage.finish(metrics=metrics, parents=parents, base_model=c.base or str(sft.model_dir),
+                        tokenizer_sha256=tok_sha,
+                        extras={**norm, "calibration": calibration, "lora": c.lora.enabled})

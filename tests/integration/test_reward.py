@@ -1,0 +1,211 @@
+"""The reward-model stage on a tiny SFT model: learning, handoff, refusals, the K-way loss."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.models import load_reward_backbone, load_tokenizer
+from pipeline.rundir import MANIFEST, atomic_write_json, read_manifest
+from stages import reward, sft
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[2]
+QUICK = REPO / "configs" / "quick.yaml"
+
+SFT_ARGS = ["sft.max_steps=2", "sft.eval_size=8", "sft.num_samples=0",
+            "model.scratch.hidden_size=32", "model.scratch.intermediate_size=64"]
+# Short responses and prompts keep every RM run to a few seconds on one thread.
+RM_ARGS = ["run.threads=1", "run.device=cpu", "tracking.progress=false",
+           "data.max_prompt_tokens=48", "rm.max_seq_len=64", "rm.max_new_tokens=8",
+           "rm.norm_samples=8", "rm.eval_size=16", "rm.log_every=5"]
+
+FILLER = ("the", "a", "cat", "runs", "blue", "over", "quiet", "river", "stone", "idea",
+          "light", "small", "word", "slowly", "green", "house")
+
+
+def toy_rows(n_prompts: int, seed: int = 0) -> list[dict]:
+    """K=3 responses ranked by how often "good" appears (2 > 1 > 0) amid random filler."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n_prompts):
+        responses, ranks = [], []
+        for goods in rng.sample([0, 1, 2], 3):
+            words = [rng.choice(FILLER) for _ in range(6)]
+            for _ in range(goods):
+                words.insert(rng.randrange(len(words) + 1), "good")
+            responses.append(" ".join(words))
+            ranks.append(2 - goods)
+        rows.append({"prompt": f"Say something about item {i}.", "responses": responses,
+                     "ranks": ranks})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def rm_config(root: Path, name: str, sft_dir: Path, *extra: str):
+    return load_config(QUICK, [f"run.root={root}", f"run.name={name}",
+                               f"rm.sft={sft_dir}", *SFT_ARGS, *RM_ARGS, *extra])
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("rm_runs")
+    path = sft.run(load_config(QUICK, [f"run.root={root}", "run.name=t", "run.threads=1",
+                                       "tracking.progress=false", *SFT_ARGS]))
+    torch.set_num_threads(1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy_rm(sft_dir: Path) -> Path:
+    data = write_jsonl(sft_dir.parents[1] / "toy.jsonl", toy_rows(80))
+    return reward.run(rm_config(sft_dir.parents[1], "toy", sft_dir, f"rm.data={data}",
+                                "rm.max_steps=60", "rm.lr=3e-3", "rm.warmup_ratio=0"))
+
+
+def with_label_parent(sft_dir: Path, name: str, tokenizer_sha: str | None = None) -> Path:
+    """A finished-looking label stage for run ``name`` holding toy rows with gold scores."""
+    folder = sft_dir.parents[1] / name / "label"
+    folder.mkdir(parents=True)
+    rows = toy_rows(24, seed=1)
+    for row in rows:
+        row["gold_scores"] = [-float(r) for r in row["ranks"]]
+    write_jsonl(folder / "data.jsonl", rows)
+    manifest = read_manifest(sft_dir) | {"stage": "label", "parents": {}}
+    if tokenizer_sha is not None:
+        manifest["tokenizer_sha256"] = tokenizer_sha
+    atomic_write_json(folder / MANIFEST, manifest)
+    return folder
+
+
+def test_learns_separable_preference(sft_dir: Path, toy_rm: Path) -> None:
+    m = read_manifest(toy_rm)["metrics"]
+    assert m["eval_accuracy_after"] >= 0.8, m
+    assert m["eval_accuracy_after"] > m["eval_accuracy_before"]
+    assert m["eval_margin_after"] > m["eval_margin_before"]
+    assert 0.0 <= m["eval_ece_after"] <= 1.0
+    assert "eval_accuracy_gold_after" not in m  # the toy rows carry no gold scores
+
+    trained = load_file(str(toy_rm / "model" / "model.safetensors"))
+    base = load_file(str(sft_dir / "model" / "model.safetensors"))
+    cfg = load_config(QUICK, SFT_ARGS)
+    tok = load_tokenizer(str(sft_dir / "model"), cfg.model)
+    init = load_reward_backbone(str(sft_dir / "model"), cfg.model, tok, seed=cfg.run.seed)
+    assert not torch.allclose(trained["score.weight"], init.score.weight.detach())
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"):
+        assert not torch.allclose(trained[name], base[name]), name
+
+    rows = [json.loads(line) for line in (toy_rm / "metrics.jsonl").read_text().splitlines()]
+    logged = {k for r in rows for k in r}
+    assert {"train/loss", "train/accuracy", "train/margin", "train/lr", "eval/accuracy",
+            "eval/ece", "norm/mean", "norm/std"} <= logged
+
+
+def test_manifest_files_and_label_parent(sft_dir: Path) -> None:
+    with_label_parent(sft_dir, "lab")
+    path = reward.run(rm_config(sft_dir.parents[1], "lab", sft_dir, "rm.max_steps=2",
+                                "rm.eval_size=8"))
+    manifest = read_manifest(path)
+    assert manifest["status"] == "complete" and manifest["stage"] == "rm"
+    assert set(manifest["parents"]) == {"sft", "label"}
+    assert Path(manifest["parents"]["sft"]["path"]) == sft_dir
+    assert manifest["tokenizer_sha256"] == read_manifest(sft_dir)["tokenizer_sha256"]
+
+    m = manifest["metrics"]
+    for key in ("eval_accuracy", "eval_accuracy_gold", "eval_margin", "eval_ece"):
+        assert f"{key}_before" in m and f"{key}_after" in m, key
+    for key in ("train_seconds", "train_rows", "eval_rows", "norm_mean", "norm_std", "steps"):
+        assert key in m, key
+    assert m["train_rows"] == 16 and m["eval_rows"] == 8 and m["steps"] == 2
+
+    extras = manifest["extras"]
+    assert extras["norm_samples"] == 8
+    assert math.isclose(extras["norm_bias"], -m["norm_mean"])
+    assert math.isclose(extras["norm_scale"], 1 / m["norm_std"])
+    assert len(extras["calibration"]) == 10
+
+    assert {p.name for p in path.iterdir()} == {"config.yaml", "metrics.jsonl", "samples.jsonl",
+                                                "manifest.json", "model"}
+    assert not list((path / "model").glob("*.bin"))
+    model = AutoModelForSequenceClassification.from_pretrained(path / "model")
+    assert model.config.num_labels == 1
+    samples = [json.loads(line) for line in (path / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"prompt", "response", "rank", "gold_rank", "reward"} <= set(samples[0])
+
+
+def test_refuses_tokenizer_mismatch(sft_dir: Path) -> None:
+    with_label_parent(sft_dir, "badlabel", tokenizer_sha="0" * 64)
+    with pytest.raises(PipelineError, match="different tokenizer"):
+        reward.run(rm_config(sft_dir.parents[1], "badlabel", sft_dir))
+
+    # An SFT copy whose manifest no longer describes its model's tokenizer.
+    copy = sft_dir.parents[1] / "copy" / "sft"
+    shutil.copytree(sft_dir, copy)
+    manifest = read_manifest(copy) | {"tokenizer_sha256": "f" * 64}
+    atomic_write_json(copy / MANIFEST, manifest)
+    data = write_jsonl(sft_dir.parents[1] / "few.jsonl", toy_rows(4))
+    with pytest.raises(PipelineError, match="rm.sft: .*different tokenizer"):
+        reward.run(rm_config(sft_dir.parents[1], "copy", copy, f"rm.data={data}"))
+    assert not (sft_dir.parents[1] / "copy" / "rm").exists()
+
+
+def test_resume_matches_uninterrupted(sft_dir: Path, toy_rm: Path) -> None:
+    root = sft_dir.parents[1]
+    args = [f"rm.data={root / 'toy.jsonl'}", "rm.max_steps=12", "rm.save_every=10",
+            "rm.lr=3e-3"]
+    whole = read_manifest(reward.run(rm_config(root, "whole", sft_dir, *args)))
+    # A run killed after its step-10 checkpoint (mid second epoch) leaves no manifest.
+    killed = reward.run(rm_config(root, "killed", sft_dir, *args))
+    (killed / MANIFEST).unlink()
+    resumed = read_manifest(reward.run(rm_config(root, "killed", sft_dir, *args,
+                                                 "run.resume=true")))
+    for key in ("eval_accuracy_before", "eval_margin_after", "eval_ece_after", "norm_mean"):
+        assert resumed["metrics"][key] == pytest.approx(whole["metrics"][key], rel=1e-5), key
+
+
+def test_k_way_loss_is_mean_over_prompts_of_mean_pair_loss() -> None:
+    groups = [
+        reward.Group("p", ("a", "b", "c"), ((1,), (2, 3), (4,)), ranks=(0, 1, 2)),
+        reward.Group("q", ("a", "b"), ((5, 6), (7,)), ranks=(1, 0)),
+        # A tie: responses 0 and 1 form no pair.
+        reward.Group("r", ("a", "b", "c"), ((8,), (9,), (10, 11, 12)), ranks=(0, 0, 1)),
+    ]
+    batch = reward.collate(groups, pad_id=0)
+    assert batch["input_ids"].shape == (8, 3)
+    assert batch["attention_mask"].sum(1).tolist() == [1, 2, 1, 2, 1, 1, 1, 3]
+    scores = torch.tensor([2.0, 0.5, -1.0, 0.3, 0.8, 0.1, -0.4, 0.6])
+
+    def scorer(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # Garbage before the last real token: only the last one may be read.
+        per_token = torch.randn(*input_ids.shape, 1)
+        last = attention_mask.sum(1) - 1
+        per_token[torch.arange(len(scores)), last, 0] = scores
+        return per_token
+
+    loss, stats = reward.ranked_loss(scorer, batch)
+
+    def nll(d: float) -> float:
+        return math.log1p(math.exp(-d))
+
+    by_hand = [
+        (nll(2.0 - 0.5) + nll(2.0 + 1.0) + nll(0.5 + 1.0)) / 3,
+        nll(0.8 - 0.3),
+        (nll(0.1 - 0.6) + nll(-0.4 - 0.6)) / 2,
+    ]
+    assert loss.item() == pytest.approx(sum(by_hand) / 3, rel=1e-6)
+    assert stats["accuracy"].item() == pytest.approx(4 / 6)
