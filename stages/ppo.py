@@ -1,0 +1,571 @@
+"""Stage 3: PPO against the reward model, with a KL penalty to the SFT reference.
+
+The loop, once per update:
+  1. rollout   sample responses from the policy (temperature T, stop at EOS)
+  2. score     reward model (normalized, clipped) + rule rewards + costs, missing-EOS penalty
+  3. evaluate  policy / reference log-probs at the same T, critic values
+  4. reward    per-token -beta * KL, score at the last token
+  5. GAE       advantages and returns (gamma, lambda); advantages whitened over the batch
+  6. update    PPO epochs over minibatches: clipped policy and value losses
+  7. log/save  metrics, samples, KL controller, Lagrange multiplier, checkpoints
+
+Models: policy and frozen reference from the SFT stage (with LoRA, one base: the reference is
+the policy with its adapter disabled), the reward model frozen, the critic a separate network
+initialized from the reward model (with LoRA, an adapter on the reward model's base, which
+with the adapter disabled *is* the reward model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config, PPOConfig
+from pipeline.data import PromptExample, load_prompts, load_sft_conversations
+from pipeline.errors import PipelineError
+from pipeline.models import (
+    apply_lora,
+    load_policy,
+    load_reward_backbone,
+    load_reward_model,
+    merged,
+    save_pretrained_atomic,
+    tokenizer_sha256,
+    trainable_parameters,
+)
+from pipeline.progress import progress
+from pipeline.rundir import Parent, StageDir, check_same_tokenizer, open_parent, stage_dir
+from pipeline.runtime import make_accelerator
+from pipeline.text import (
+    IGNORE_INDEX,
+    decode,
+    encode_prompt,
+    eos_ids,
+    generate,
+    left_pad_prompts,
+    tokenize_conversation,
+)
+from pipeline.text import pad as pad_sequences
+from pipeline.tracking import Tracker
+from pipeline.training import build_scheduler, load_checkpoint, resume_point, save_checkpoint
+from stages import ops
+from stages.rewards import resolve_rule
+from stages.scoring import ScoreModel, sequence_scores
+
+
+@dataclass
+class Rollout:
+    """One batch of experience; B responses of up to T tokens after P prompt tokens."""
+
+    query: torch.Tensor            # (B, P) prompt ids, left-padded
+    query_mask: torch.Tensor       # (B, P)
+    response: torch.Tensor         # (B, T) response ids, right-padded
+    mask: torch.Tensor             # (B, T) 1 up to and including the first EOS
+    logprobs: torch.Tensor         # (B, T) policy log-probs at sampling time (temperature T)
+    ref_logprobs: torch.Tensor     # (B, T) reference log-probs (same temperature)
+    values: torch.Tensor           # (B, T) critic's reward values
+    cost_values: torch.Tensor      # (B, T) critic's cost values (zeros without a constraint)
+    scores: torch.Tensor           # (B,) combined sequence score
+    costs: torch.Tensor            # (B,) constrained cost (zeros without a constraint)
+    advantages: torch.Tensor       # (B, T)
+    returns: torch.Tensor          # (B, T) reward value targets
+    cost_returns: torch.Tensor     # (B, T) cost value targets
+
+    def select(self, index: torch.Tensor) -> Rollout:
+        return Rollout(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+
+# --------------------------------------------------------------------------------------------
+# Forward passes
+# --------------------------------------------------------------------------------------------
+
+
+def _inputs(query, query_mask, response, mask):
+    ids = torch.cat([query, response], dim=1)                 # (B, P+T)
+    attention = torch.cat([query_mask, mask.long()], dim=1)   # (B, P+T)
+    return ids, attention
+
+
+def policy_logits(model, query, query_mask, response, mask) -> torch.Tensor:
+    """(B, T, V) next-token logits at the positions that produced each response token."""
+    ids, attention = _inputs(query, query_mask, response, mask)
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=position_ids).logits
+    p = query.shape[1]
+    return logits[:, p - 1: -1]
+
+
+def critic_values(critic, query, query_mask, response, mask) -> torch.Tensor:
+    """(B, T, C) value estimates of the states before each response token."""
+    ids, attention = _inputs(query, query_mask, response, mask)
+    p = query.shape[1]
+    return critic(ids, attention)[:, p - 1: -1]
+
+
+def chunks(n: int, size: int):
+    size = size or n
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+# --------------------------------------------------------------------------------------------
+# Rewards
+# --------------------------------------------------------------------------------------------
+
+
+class RewardFunction:
+    """The composite score of a response: weighted learned reward, rules and costs."""
+
+    def __init__(self, cfg: PPOConfig, reward_model, norm: dict):
+        self.cfg = cfg
+        self.reward_model = reward_model
+        self.bias = float(norm.get("norm_bias", 0.0))
+        self.scale = float(norm.get("norm_scale", 1.0))
+        self.terms = []
+        for comp in cfg.rewards:
+            fn = None if comp.type == "model" else resolve_rule(comp.name, **comp.params)
+            label = "model" if comp.type == "model" else comp.name.split(":")[-1]
+            self.terms.append((comp.type, label, comp.weight, fn))
+
+    @torch.no_grad()
+    def __call__(self, rollout_ids, attention, prompts, responses, metas):
+        """(score (B,), cost (B,), {component: (B,)} raw values for logging)."""
+        b = len(responses)
+        score = torch.zeros(b)
+        cost = torch.zeros(b)
+        parts: dict[str, torch.Tensor] = {}
+        for kind, label, weight, fn in self.terms:
+            if kind == "model":
+                raw = self.reward_model(rollout_ids, attention).cpu()
+                value = ((raw + self.bias) * self.scale).clamp(-self.cfg.reward_clip,
+                                                               self.cfg.reward_clip)
+                parts["rm_raw"] = raw
+            else:
+                value = torch.tensor(fn(prompts, responses, metas), dtype=torch.float32)
+            parts[f"{kind}/{label}"] = value
+            if kind == "cost" and self.cfg.lagrangian:
+                cost += weight * value
+            elif kind == "cost":
+                score -= weight * value
+            else:
+                score += weight * value
+        return score, cost, parts
+
+
+# --------------------------------------------------------------------------------------------
+# Setup helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _reward_parent(cfg: Config) -> Parent | None:
+    if not any(c.type == "model" for c in cfg.ppo.rewards):
+        return None
+    return open_parent(stage_dir(cfg, "rm", cfg.ppo.reward_model), "rm", "ppo.reward_model")
+
+
+def build_models(cfg: Config, sft: Parent, rm: Parent | None, accelerator):
+    """(policy, reference or None, critic ScoreModel, reward fn on (ids, mask), tok)."""
+    c = cfg.ppo
+    policy, tok = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(sft.model_dir))
+    cost_heads = 1 if c.lagrangian else 0
+    if c.lora.enabled:
+        lora = copy.copy(c.lora)
+        lora.dropout = 0.0
+        policy = apply_lora(policy, lora)
+        reference = None
+    else:
+        reference = copy.deepcopy(policy).requires_grad_(False).eval()
+
+    if rm is not None:
+        critic_base = load_reward_model(rm.model_dir, cfg.model, tok)
+    else:
+        # Rule-only PPO: the critic starts from the SFT trunk with a fresh head.
+        critic_base = load_reward_backbone(str(sft.model_dir), cfg.model, tok, seed=cfg.run.seed)
+    if c.lora.enabled:
+        lora = copy.copy(c.lora)
+        lora.dropout = 0.0
+        critic_base = apply_lora(critic_base, lora, task_type="SEQ_CLS",
+                                 modules_to_save=["score"])
+        reward_net = None
+    elif rm is not None:
+        reward_net = ScoreModel(load_reward_model(rm.model_dir, cfg.model, tok))
+        reward_net.requires_grad_(False).eval()
+    else:
+        reward_net = None
+    critic = ScoreModel(critic_base, extra_outputs=cost_heads)
+
+    def reward_scores(ids, attention):
+        if rm is None:
+            return torch.zeros(ids.shape[0])
+        if reward_net is not None:
+            return sequence_scores(reward_net, ids, attention)
+        # LoRA: the critic's base with its adapter (and its copy of the head) disabled.
+        inner = accelerator.unwrap_model(critic)
+        with inner.model.disable_adapter():
+            return sequence_scores(inner, ids, attention)
+
+    if c.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    return policy, reference, critic, reward_scores, tok
+
+
+def reference_context(policy, reference):
+    """Where to run the reference: its own copy, or the policy with the adapter off.
+
+    Returns the model and a factory of the context to run it in.
+    """
+    if reference is not None:
+        return reference, contextlib.nullcontext
+    return policy, policy.disable_adapter
+
+
+def make_optimizer(model, lr: float, cfg: PPOConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def run(cfg: Config) -> Path:
+    c = cfg.ppo
+    accelerator = make_accelerator(cfg, c.mixed_precision)
+    stage = StageDir(cfg, "ppo", accelerator.is_main_process)
+    stage.start()
+    resume_from = resume_point(stage.checkpoints, cfg.run.resume)
+    world = accelerator.num_processes
+
+    # --- Setup ---------------------------------------------------------------------------------
+    sft = open_parent(stage_dir(cfg, "sft", c.policy), "sft", "ppo.policy")
+    rm = _reward_parent(cfg)
+    with accelerator.main_process_first():
+        policy, reference, critic, reward_scores, tok = build_models(cfg, sft, rm, accelerator)
+    tok_sha = tokenizer_sha256(tok)
+    if tok_sha != sft.manifest.get("tokenizer_sha256"):
+        raise PipelineError(f"ppo.policy: {sft.path}/model tokenizer does not match its manifest")
+    if rm is not None:
+        check_same_tokenizer(tok_sha, rm, "ppo.reward_model")
+    reward_fn = RewardFunction(c, reward_scores, rm.extras if rm is not None else {})
+    stops = sorted(eos_ids(tok, policy))
+
+    prompts = load_prompts(cfg.data.ppo, limit=c.num_prompts)
+    encoded = [encode_prompt(tok, p.prompt, cfg.data.max_prompt_tokens) for p in prompts]
+    demos = []
+    if c.ptx_coef > 0:
+        demos = [tokenize_conversation(tok, m, cfg.data.max_prompt_tokens, cfg.sft.max_seq_len)
+                 for m in load_sft_conversations(cfg.data.sft)]
+    judge = None
+    if c.gold_judge and all(p.reference for p in prompts):
+        from stages.judge import load_judge
+
+        judge = load_judge(c.gold_judge)
+
+    optim_steps = c.num_updates * c.ppo_epochs * c.num_minibatches
+    policy_opt = make_optimizer(policy, c.lr, c)
+    critic_opt = make_optimizer(critic, c.critic_lr, c)
+    policy_sched = build_scheduler(policy_opt, c.lr_scheduler, optim_steps)
+    critic_sched = build_scheduler(critic_opt, c.lr_scheduler, optim_steps)
+    policy, critic, policy_opt, critic_opt = accelerator.prepare(
+        policy, critic, policy_opt, critic_opt
+    )
+    if reference is not None:
+        reference = reference.to(accelerator.device)
+    kl_ctl = (ops.AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.adaptive_kl
+              else ops.FixedKLController(c.kl_coef))
+    lagrange = ops.LagrangeMultiplier(c.lambda_init, c.lambda_lr, c.lambda_max, c.cost_threshold)
+    n_trainable, n_total = trainable_parameters(policy)
+
+    update, cursor, ptx_cursor = 0, 0, 0
+    models = {"policy": policy, "critic": critic}
+    optimizers = {"policy": policy_opt, "critic": critic_opt,
+                  "policy_sched": policy_sched, "critic_sched": critic_sched}
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, accelerator, models=models, optimizers=optimizers)
+        update, cursor, ptx_cursor = state["step"], state["cursor"], state["ptx_cursor"]
+        kl_ctl.load_state_dict(state["kl_ctl"])
+        lagrange.load_state_dict(state["lagrange"])
+    tracker = Tracker(cfg, "ppo", stage.path, accelerator.is_main_process,
+                      resume_step=update if resume_from else None)
+    unwrapped_policy = accelerator.unwrap_model(policy)
+    ref_model, ref_ctx = reference_context(unwrapped_policy, reference)
+    history: list[dict] = []
+    if resume_from is not None and accelerator.is_main_process:
+        # The curve summary in the manifest covers the whole run, not just the resumed part.
+        history = [json.loads(line) for line in tracker.path.read_text().splitlines() if line]
+    bar = progress(c.num_updates, "ppo", cfg.tracking.progress and accelerator.is_main_process,
+                   initial=update)
+    all_reduce = (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None
+
+    def global_mean(x: torch.Tensor) -> float:
+        return accelerator.reduce(x.detach().float().mean().to(accelerator.device),
+                                  reduction="mean").item()
+
+    while update < c.num_updates:
+        t0 = time.time()
+        # --- 1. Rollout: this process's share of the next batch of prompts ------------------
+        index = [(cursor + accelerator.process_index * c.batch_size + i) % len(prompts)
+                 for i in range(c.batch_size)]
+        cursor += c.batch_size * world
+        batch_prompts: list[PromptExample] = [prompts[i] for i in index]
+        responses = generate(unwrapped_policy, tok, [encoded[i] for i in index],
+                             max_new_tokens=c.response_length, temperature=c.temperature,
+                             top_k=c.top_k, top_p=c.top_p, batch_size=c.batch_size)
+        query, query_mask = left_pad_prompts([encoded[i] for i in index], tok.pad_token_id)
+        response = pad_sequences(responses, tok.pad_token_id, side="right")
+        if response.shape[1] == 0:
+            response = torch.full((len(responses), 1), tok.pad_token_id)
+        mask, has_eos, lengths = ops.response_mask_after_eos(response, stops)
+        # An empty response (pad only) has no valid token; keep it scorable with length 1.
+        query, query_mask = query.to(accelerator.device), query_mask.to(accelerator.device)
+        response, mask = response.to(accelerator.device), mask.to(accelerator.device)
+        t_generate = time.time() - t0
+
+        # --- 2. Score: reward model, rules, costs ------------------------------------------
+        t1 = time.time()
+        texts = [decode(tok, r) for r in responses]
+        metas = [{"word": p.word, "reference": p.reference} for p in batch_prompts]
+        ids, attention = _inputs(query, query_mask, response, mask)
+        scores, costs, parts = reward_fn(ids, attention, [p.prompt for p in batch_prompts],
+                                         texts, metas)
+        scores = scores.to(accelerator.device)
+        costs = costs.to(accelerator.device)
+        scores = scores - c.missing_eos_penalty * (~has_eos).float().to(accelerator.device)
+        gold = None
+        if judge is not None:
+            gold = torch.tensor(judge.score([p.prompt for p in batch_prompts], texts,
+                                            [p.reference for p in batch_prompts]))
+
+        # --- 3. Evaluate: log-probs of policy and reference, critic values -----------------
+        with torch.no_grad():
+            logprobs, ref_logprobs, values, cost_values = [], [], [], []
+            for s in chunks(len(responses), c.forward_batch_size):
+                args = (query[s], query_mask[s], response[s], mask[s])
+                logits = policy_logits(unwrapped_policy, *args)
+                logprobs.append(ops.logprobs_from_logits(logits, response[s], c.temperature))
+                del logits
+                with ref_ctx():
+                    ref_logits = policy_logits(ref_model, *args)
+                ref_logprobs.append(ops.logprobs_from_logits(ref_logits, response[s],
+                                                             c.temperature))
+                del ref_logits
+                v = critic_values(accelerator.unwrap_model(critic), *args)
+                values.append(v[..., 0])
+                cost_values.append(v[..., 1] if c.lagrangian else torch.zeros_like(v[..., 0]))
+            logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
+            values, cost_values = torch.cat(values), torch.cat(cost_values)
+        t_score = time.time() - t1
+
+        # --- 4. KL-shaped rewards ---------------------------------------------------------
+        beta = kl_ctl.value
+        rewards, kl = ops.kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, beta,
+                                            c.kl_estimator)
+        if c.whiten_rewards:
+            rewards = ops.masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce)
+
+        # --- 5. GAE -----------------------------------------------------------------------
+        advantages, returns = ops.gae(rewards, values, mask, c.gamma, c.lam)
+        cost_returns = torch.zeros_like(returns)
+        if c.lagrangian:
+            cost_rewards = torch.zeros_like(rewards)
+            rows = torch.arange(len(responses), device=rewards.device)
+            cost_rewards[rows, ops.last_index(mask)] = costs
+            cost_adv, cost_returns = ops.gae(cost_rewards, cost_values, mask, c.gamma, c.lam)
+            advantages = ops.lagrangian_advantages(advantages, cost_adv, lagrange.value)
+        if c.whiten_advantages:
+            advantages = ops.masked_whiten(advantages, mask, all_reduce=all_reduce)
+        rollout = Rollout(query, query_mask, response, mask, logprobs, ref_logprobs, values,
+                          cost_values, scores, costs, advantages, returns, cost_returns)
+
+        # --- 6. PPO update ------------------------------------------------------------------
+        t2 = time.time()
+        train_policy = update >= c.critic_warmup_updates
+        stats = ppo_update(c, rollout, policy, critic, policy_opt, critic_opt, policy_sched,
+                           critic_sched, accelerator, train_policy, demos, ptx_cursor,
+                           tok.pad_token_id, seed=cfg.run.seed + update)
+        ptx_cursor += c.ptx_batch_size * c.ppo_epochs * c.num_minibatches if demos else 0
+        t_train = time.time() - t2
+
+        # --- 7. Controllers, logging, saving -------------------------------------------------
+        kl_sum = ops.masked_sum(kl, mask, dim=1)  # (B,) per-sequence KL
+        mean_kl = global_mean(kl_sum)
+        kl_ctl.update(mean_kl, c.batch_size * world)
+        mean_cost = global_mean(costs)
+        if c.lagrangian:
+            lagrange.update(mean_cost)
+        update += 1
+        bar.update(1)
+        n_tokens = accelerator.reduce(lengths.sum().float().to(accelerator.device),
+                                      reduction="sum").item()
+        elapsed = time.time() - t0
+        metrics = {
+            "objective/kl": mean_kl,
+            "objective/kl_coef": beta,
+            "objective/scores": global_mean(scores),
+            "objective/non_score_reward": global_mean(-beta * kl_sum),
+            "objective/rlhf_reward": global_mean(scores - beta * kl_sum),
+            "objective/entropy_sampled": global_mean(ops.masked_mean(-logprobs, mask, dim=1)),
+            "objective/cost": mean_cost,
+            "objective/lambda": lagrange.value,
+            "response/length": global_mean(lengths.float()),
+            "response/no_eos_fraction": global_mean((~has_eos).float()),
+            "lr/policy": policy_sched.get_last_lr()[0],
+            "lr/critic": critic_sched.get_last_lr()[0],
+            "time/generate": t_generate,
+            "time/score": t_score,
+            "time/train": t_train,
+            "time/update": elapsed,
+            "perf/tokens_per_s": n_tokens / max(t_generate, 1e-9),
+            "perf/updates_per_s": 1.0 / elapsed,
+            **stats,
+        }
+        for name, value in parts.items():
+            metrics[f"reward/{name}"] = global_mean(value)
+        if gold is not None:
+            metrics["objective/gold"] = global_mean(gold)
+        if update % c.log_every == 0 or update == c.num_updates:
+            tracker.log(metrics, step=update)
+        history.append(metrics)
+        if accelerator.is_main_process and (c.sample_every and update % c.sample_every == 0
+                                            or update == c.num_updates):
+            table = [{"update": update, "prompt": p.prompt, "response": t,
+                      "score": round(float(scores[i]), 4), "eos": bool(has_eos[i]),
+                      **{k: round(float(v[i]), 4) for k, v in parts.items()}}
+                     for i, (p, t) in enumerate(zip(batch_prompts, texts))][:8]
+            with open(stage.samples_path, "a") as f:
+                for row in table:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            tracker.log_table("samples", table, step=update)
+        if c.snapshot_every and update % c.snapshot_every == 0 and update < c.num_updates:
+            if accelerator.is_main_process:
+                snapshot = merged(copy.deepcopy(unwrapped_policy))
+                save_pretrained_atomic(snapshot, tok,
+                                       stage.path / "snapshots" / f"update-{update:06d}")
+                del snapshot
+            accelerator.wait_for_everyone()
+        if c.save_every and update % c.save_every == 0 and update < c.num_updates:
+            save_checkpoint(stage.checkpoints, update, accelerator, models=models,
+                            optimizers=optimizers,
+                            state={"cursor": cursor, "ptx_cursor": ptx_cursor,
+                                   "kl_ctl": kl_ctl.state_dict(),
+                                   "lagrange": lagrange.state_dict()})
+    bar.close()
+
+    # --- Save ----------------------------------------------------------------------------------
+    final = merged(accelerator.unwrap_model(policy))
+    if accelerator.is_main_process:
+        save_pretrained_atomic(final, tok, stage.path / "model")
+    accelerator.wait_for_everyone()
+    summary = summarize(history)
+    summary.update({"updates": update, "world_size": world, "trainable_params": n_trainable,
+                    "total_params": n_total})
+    tracker.summary(summary)
+    tracker.close()
+    parents = {"policy": sft}
+    if rm is not None:
+        parents["reward_model"] = rm
+    return stage.finish(metrics=summary, parents=parents, base_model=sft.manifest["base_model"],
+                        tokenizer_sha256=tok_sha,
+                        extras={"kl_coef": kl_ctl.value, "lambda": lagrange.value,
+                                "lora": c.lora.enabled, "temperature": c.temperature,
+                                "norm": rm.extras if rm is not None else {}})
+
+
+def ppo_update(c: PPOConfig, rollout: Rollout, policy, critic, policy_opt, critic_opt,
+               policy_sched, critic_sched, accelerator, train_policy: bool,
+               demos: list, ptx_cursor: int, pad_id: int, seed: int) -> dict[str, float]:
+    """PPO epochs over shuffled minibatches; returns the mean of each loss statistic."""
+    n = rollout.response.shape[0]
+    size = n // c.num_minibatches
+    generator = torch.Generator().manual_seed(seed)
+    totals: dict[str, float] = {}
+    count = 0
+    policy.train()
+    critic.train()
+    for _ in range(c.ppo_epochs):
+        order = torch.randperm(n, generator=generator).to(rollout.response.device)
+        for start in range(0, n, size):
+            mb = rollout.select(order[start: start + size])
+            args = (mb.query, mb.query_mask, mb.response, mb.mask)
+            stats: dict[str, torch.Tensor] = {}
+            if train_policy:
+                logits = policy_logits(policy, *args)
+                logp = ops.logprobs_from_logits(logits, mb.response, c.temperature)
+                pg_loss, pg_stats = ops.policy_loss(logp, mb.logprobs, mb.advantages, mb.mask,
+                                                    c.clip_range)
+                with torch.set_grad_enabled(c.entropy_coef > 0):
+                    entropy = ops.masked_mean(ops.entropy_from_logits(logits, c.temperature),
+                                              mb.mask)
+                del logits
+                loss = pg_loss - c.entropy_coef * entropy if c.entropy_coef else pg_loss
+                entropy = entropy.detach()
+                if demos:
+                    ptx = ptx_loss(policy, demos, ptx_cursor + count * c.ptx_batch_size,
+                                   c.ptx_batch_size, pad_id, accelerator.device)
+                    loss = loss + c.ptx_coef * ptx
+                    stats["loss/ptx"] = ptx.detach()
+                accelerator.backward(loss)
+                stats["policy/grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(),
+                                                                        c.max_grad_norm)
+                policy_opt.step()
+                policy_opt.zero_grad()
+                stats.update({"loss/policy": pg_loss.detach(), "policy/entropy": entropy,
+                              **{f"policy/{k}": v for k, v in pg_stats.items()}})
+            v = critic_values(critic, *args)
+            vf_loss, vf_stats = ops.value_loss(v[..., 0], mb.values, mb.returns, mb.mask,
+                                               c.clip_range_value)
+            if c.lagrangian:
+                cost_loss, _ = ops.value_loss(v[..., 1], mb.cost_values, mb.cost_returns,
+                                              mb.mask, c.clip_range_value)
+                vf_loss = vf_loss + cost_loss
+            accelerator.backward(c.vf_coef * vf_loss)
+            stats["val/grad_norm"] = accelerator.clip_grad_norm_(critic.parameters(),
+                                                                 c.max_grad_norm)
+            critic_opt.step()
+            critic_opt.zero_grad()
+            policy_sched.step()
+            critic_sched.step()
+            stats.update({"loss/value": vf_loss.detach(),
+                          **{f"val/{k}": v for k, v in vf_stats.items()}})
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            count += 1
+    means = torch.tensor([totals[k] / count for k in sorted(totals)], device=accelerator.device)
+    means = accelerator.reduce(means, reduction="mean")
+    return dict(zip(sorted(totals), means.tolist()))
+
+
+def ptx_loss(policy, demos, cursor: int, batch_size: int, pad_id: int, device) -> torch.Tensor:
+    """PPO-ptx: the SFT loss on demonstrations, so RL doesn't forget how to write them."""
+    batch = [demos[(cursor + i) % len(demos)] for i in range(batch_size)]
+    ids = pad_sequences([b[0] for b in batch], pad_id).to(device)
+    labels = pad_sequences([b[1] for b in batch], IGNORE_INDEX).to(device)
+    attention = (pad_sequences([[1] * len(b[0]) for b in batch], 0)).to(device)
+    logits = policy(input_ids=ids, attention_mask=attention).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
+                                             labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+
+def summarize(history: list[dict]) -> dict:
+    """Start and end values of the main curves (means of the first and last few updates)."""
+    if not history:
+        return {}
+    k = max(1, min(5, len(history) // 4))
+    out = {}
+    for key in ("objective/scores", "objective/kl", "objective/gold", "objective/rlhf_reward",
+                "response/length", "response/no_eos_fraction", "objective/cost",
+                "time/update", "time/generate", "time/score", "time/train", "perf/tokens_per_s"):
+        if key not in history[0]:
+            continue
+        name = key.split("/", 1)[1]
+        out[f"{name}_start"] = sum(h[key] for h in history[:k]) / k
+        out[f"{name}_end"] = sum(h[key] for h in history[-k:]) / k
+    return out
+

@@ -1,0 +1,7 @@
+"""Rule rewards the PPO tests point to as ``module:function``."""
+
+
+def brevity(prompts, responses, metas):
+    """Fewer words is better: a briefly fine-tuned tiny model can learn it by ending with EOS
+    sooner, so it tests that PPO follows a reward without a pretrained model."""
+    return [-len(r.split()) / 10.0 for r in responses]
