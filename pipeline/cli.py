@@ -20,8 +20,8 @@ from pipeline.rundir import STAGES, read_manifest
 
 # stage command -> module in stages/
 STAGE_MODULES = {"sft": "stages.sft", "label": "stages.label", "rm": "stages.reward",
-                 "ppo": "stages.ppo"}
-PIPELINE_ORDER = ("sft", "label", "rm", "ppo")
+                 "ppo": "stages.ppo", "eval": "stages.evaluate", "report": "stages.report"}
+PIPELINE_ORDER = ("sft", "label", "rm", "ppo", "eval", "report")
 
 USAGE = f"""rlhf COMMAND [--config FILE.yaml] [key=value ...]
 
@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in stages:
             path = run_stage(name, cfg)
             if os.environ.get("RANK", "0") != "0":
+                continue
+            if name == "report":
+                print(f"[report] written: {path / 'report.html'}")
                 continue
             manifest = read_manifest(path) or {}
             print(f"[{name}] complete: {path}\n"

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +121,86 @@ def resume_point(folder: Path, resume: bool) -> Path | None:
     if path is None:
         raise PipelineError(f"run.resume=true but {folder} holds no checkpoint to resume from")
     return path
+
+
+@dataclass
+class LoopState:
+    """Where a supervised loop stands; saved in checkpoints so a resumed run continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> LoopState:
+        return cls(state["step"], state["epoch"], state["batches_done"])
+
+
+@dataclass
+class StepOutput:
+    """One optimizer step: gradient norm and the loss statistics summed over its micro-batches."""
+
+    grad_norm: float
+    sums: dict[str, float] = field(default_factory=dict)
+
+
+def optimizer_steps(accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler,
+                    loader, shuffler: torch.Generator, seed: int, state: LoopState,
+                    total_steps: int, max_grad_norm: float,
+                    compute_loss: Callable[[torch.nn.Module, dict],
+                                           tuple[torch.Tensor, dict[str, torch.Tensor]]],
+                    ) -> Iterator[StepOutput]:
+    """The epoch / gradient-accumulation loop shared by SFT and the reward model.
+
+    ``compute_loss(model, batch) -> (loss, stats)``; yields after every optimizer step, with
+    ``state`` already advanced, so the caller logs, evaluates and checkpoints in between.
+    """
+    sums: dict[str, float] = {}
+    model.train()
+    while state.step < total_steps:
+        # Each epoch's order depends on (seed, epoch) alone, so a resumed run reshuffles alike.
+        shuffler.manual_seed(seed + state.epoch)
+        loader.set_epoch(state.epoch)
+        # Skipping what this epoch already consumed makes a resumed run see the same batches.
+        batches = (accelerator.skip_first_batches(loader, state.batches_done)
+                   if state.batches_done else loader)
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss, stats = compute_loss(model, batch)
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            state.batches_done += 1
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if grad_norm is None:
+                continue
+            state.step += 1
+            yield StepOutput(float(grad_norm), sums)
+            sums = {}
+            if state.step >= total_steps:
+                return
+        state.epoch += 1
+        state.batches_done = 0
+
+
+class Window:
+    """Running sums of logged statistics between two log lines."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+
+    def add(self, sums: dict[str, float]) -> None:
+        for k, v in sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def pop(self) -> dict[str, float]:
+        out, self.sums = self.sums, {}
+        return out

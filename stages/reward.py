@@ -43,9 +43,12 @@ from pipeline.runtime import make_accelerator
 from pipeline.text import encode_prompt, generate, pad
 from pipeline.tracking import Tracker
 from pipeline.training import (
+    LoopState,
+    Window,
     build_optimizer,
     build_scheduler,
     load_checkpoint,
+    optimizer_steps,
     resume_point,
     save_checkpoint,
 )
@@ -322,77 +325,60 @@ def run(cfg: Config) -> Path:
         return evaluate(accelerator.unwrap_model(scorer), eval_groups, accelerator,
                         c.batch_size, c.calibration_bins, tok.pad_token_id)
 
-    step, epoch, batches_done = 0, 0, 0
+    loop = LoopState()
     if resume_from is not None:
         state = load_checkpoint(resume_from, accelerator, **checkpointed)
-        step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
+        loop = LoopState.from_checkpoint(state)
         before = state["before"]
     else:
         before, _ = run_eval()
     tracker = Tracker(cfg, "rm", stage.path, accelerator.is_main_process,
-                      resume_step=step if resume_from else None)
+                      resume_step=loop.step if resume_from else None)
     if not resume_from:
-        tracker.log(as_logged(before), step=step)
+        tracker.log(as_logged(before), step=loop.step)
 
     # --- Training loop -------------------------------------------------------------------------
+    def compute_loss(model, batch):
+        loss, stats = ranked_loss(model, batch, c.margin)
+        return loss, {"loss": loss.detach(), "accuracy": stats["accuracy"],
+                      "margin": stats["margin"], "micro_batches": 1,
+                      "sequences": batch["input_ids"].shape[0]}
+
     start = time.time()
     sequences_seen = 0
-    # Summed over the log window: loss, accuracy, margin, micro-batches.
-    window = torch.zeros(4, device=accelerator.device)
+    window = Window()
     bar = progress(total_steps, "rm", enabled=cfg.tracking.progress and
-                   accelerator.is_main_process, initial=step)
-    scorer.train()
-    while step < total_steps:
-        # Each epoch's order depends on the epoch alone, so a resumed run reshuffles the same.
-        shuffler.manual_seed(cfg.run.seed + epoch)
-        loader.set_epoch(epoch)
-        # Skipping what this epoch already consumed makes a resumed run see the same batches.
-        batches = accelerator.skip_first_batches(loader, batches_done) if batches_done \
-            else loader
-        for batch in batches:
-            with accelerator.accumulate(scorer):
-                loss, stats = ranked_loss(scorer, batch, c.margin)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), c.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            batches_done += 1
-            sequences_seen += batch["input_ids"].shape[0]
-            window += torch.stack([loss.detach(), stats["accuracy"], stats["margin"],
-                                   loss.new_ones(())])
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            if step % c.log_every == 0 or step == total_steps:
-                totals = accelerator.reduce(window, reduction="sum")
-                n = totals[3].clamp(min=1)
-                tracker.log({
-                    "train/loss": totals[0] / n,
-                    "train/accuracy": totals[1] / n,
-                    "train/margin": totals[2] / n,
-                    "train/grad_norm": float(grad_norm),
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/epoch": epoch + batches_done / max(len(loader), 1),
-                    "perf/sequences_per_s":
-                        sequences_seen * accelerator.num_processes / (time.time() - start),
-                }, step=step)
-                window.zero_()
-            if c.eval_every and step % c.eval_every == 0 and step < total_steps:
-                tracker.log(as_logged(run_eval()[0]), step=step)
-            if c.save_every and step % c.save_every == 0 and step < total_steps:
-                save_checkpoint(stage.checkpoints, step, accelerator, **checkpointed,
-                                state={"epoch": epoch, "batches_done": batches_done,
-                                       "before": before})
-            if step >= total_steps:
-                break
-        else:
-            epoch += 1
-            batches_done = 0
+                   accelerator.is_main_process, initial=loop.step)
+    for out in optimizer_steps(accelerator, scorer, optimizer, scheduler, loader, shuffler,
+                               cfg.run.seed, loop, total_steps, c.max_grad_norm, compute_loss):
+        step = loop.step
+        bar.update(1)
+        window.add(out.sums)
+        sequences_seen += int(out.sums["sequences"])
+        if step % c.log_every == 0 or step == total_steps:
+            sums = window.pop()
+            keys = ("loss", "accuracy", "margin", "micro_batches")
+            totals = accelerator.reduce(
+                torch.tensor([sums[k] for k in keys], device=accelerator.device), "sum")
+            n = totals[3].clamp(min=1)
+            tracker.log({
+                "train/loss": totals[0] / n,
+                "train/accuracy": totals[1] / n,
+                "train/margin": totals[2] / n,
+                "train/grad_norm": out.grad_norm,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/epoch": loop.epoch + loop.batches_done / max(len(loader), 1),
+                "perf/sequences_per_s":
+                    sequences_seen * accelerator.num_processes / (time.time() - start),
+            }, step=step)
+        if c.eval_every and step % c.eval_every == 0 and step < total_steps:
+            tracker.log(as_logged(run_eval()[0]), step=step)
+        if c.save_every and step % c.save_every == 0 and step < total_steps:
+            save_checkpoint(stage.checkpoints, step, accelerator, **checkpointed,
+                            state={**loop.as_dict(), "before": before})
     bar.close()
     train_seconds = time.time() - start
+    step = loop.step
 
     # --- Final eval, normalization, samples ----------------------------------------------------
     after, calibration = run_eval()

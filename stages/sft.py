@@ -31,9 +31,12 @@ from pipeline.runtime import make_accelerator
 from pipeline.text import IGNORE_INDEX, decode, encode_prompt, generate, pad, tokenize_conversation
 from pipeline.tracking import Tracker
 from pipeline.training import (
+    LoopState,
+    Window,
     build_optimizer,
     build_scheduler,
     load_checkpoint,
+    optimizer_steps,
     resume_point,
     save_checkpoint,
 )
@@ -117,77 +120,58 @@ def run(cfg: Config) -> Path:
         model, optimizer, train_loader, eval_loader, scheduler
     )
 
-    step, epoch, batches_done = 0, 0, 0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, accelerator, models={"policy": model},
-                                optimizers={"optimizer": optimizer, "scheduler": scheduler})
-        step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
-    tracker = Tracker(cfg, "sft", stage.path, accelerator.is_main_process,
-                      resume_step=step if resume_from else None)
+    checkpointed = {"models": {"policy": model},
+                    "optimizers": {"optimizer": optimizer, "scheduler": scheduler}}
+    loop = LoopState()
     metrics: dict[str, float] = {}
-    metrics["eval_loss_before"] = (
-        state["eval_loss_before"] if resume_from else eval_loss(model, eval_loader, accelerator)
-    )
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, accelerator, **checkpointed)
+        loop = LoopState.from_checkpoint(state)
+        metrics["eval_loss_before"] = state["eval_loss_before"]
+    else:
+        metrics["eval_loss_before"] = eval_loss(model, eval_loader, accelerator)
+    tracker = Tracker(cfg, "sft", stage.path, accelerator.is_main_process,
+                      resume_step=loop.step if resume_from else None)
     if resume_from is None:  # a resumed run kept this row (step 0) in metrics.jsonl
-        tracker.log({"eval/loss": metrics["eval_loss_before"]}, step=step)
+        tracker.log({"eval/loss": metrics["eval_loss_before"]}, step=loop.step)
 
     # --- Training loop -------------------------------------------------------------------------
+    def compute_loss(model, batch):
+        nll, count = token_loss_sums(model, batch)
+        stats = {"nll": nll.detach(), "targets": count, "tokens": batch["attention_mask"].sum()}
+        return nll / count.clamp(min=1), stats
+
     start = time.time()
     tokens_seen = 0
-    window_loss, window_tokens = 0.0, 0
+    window = Window()
     bar = progress(total_steps, "sft", enabled=cfg.tracking.progress and
-                   accelerator.is_main_process, initial=step)
-    model.train()
-    while step < total_steps:
-        train_loader.set_epoch(epoch)
-        # The shuffle order is a function of (seed, epoch) alone, so a run resumed in a later
-        # epoch draws the same order as an uninterrupted one (the generator isn't checkpointed).
-        generator.manual_seed(cfg.run.seed + epoch)
-        # A resumed run skips the batches its epoch already consumed, so it sees the same data.
-        batches = accelerator.skip_first_batches(train_loader, batches_done) \
-            if batches_done else train_loader
-        for batch in batches:
-            with accelerator.accumulate(model):
-                nll, count = token_loss_sums(model, batch)
-                loss = nll / count.clamp(min=1)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), c.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            batches_done += 1
-            window_loss += nll.item()
-            window_tokens += int(count)
-            tokens_seen += int(batch["attention_mask"].sum())
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            if step % c.log_every == 0 or step == total_steps:
-                elapsed = time.time() - start
-                tracker.log({
-                    "train/loss": window_loss / max(window_tokens, 1),
-                    "train/grad_norm": float(grad_norm),
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/epoch": epoch + batches_done / max(len(train_loader), 1),
-                    "perf/tokens_per_s": tokens_seen * accelerator.num_processes / elapsed,
-                }, step=step)
-                window_loss, window_tokens = 0.0, 0
-            if c.eval_every and step % c.eval_every == 0 and step < total_steps:
-                tracker.log({"eval/loss": eval_loss(model, eval_loader, accelerator)}, step=step)
-            if c.save_every and step % c.save_every == 0 and step < total_steps:
-                save_checkpoint(stage.checkpoints, step, accelerator, models={"policy": model},
-                                optimizers={"optimizer": optimizer, "scheduler": scheduler},
-                                state={"epoch": epoch, "batches_done": batches_done,
-                                       "eval_loss_before": metrics["eval_loss_before"]})
-            if step >= total_steps:
-                break
-        else:
-            epoch += 1
-            batches_done = 0
+                   accelerator.is_main_process, initial=loop.step)
+    for out in optimizer_steps(accelerator, model, optimizer, scheduler, train_loader,
+                               generator, cfg.run.seed, loop, total_steps, c.max_grad_norm,
+                               compute_loss):
+        step = loop.step
+        bar.update(1)
+        window.add(out.sums)
+        tokens_seen += int(out.sums["tokens"])
+        if step % c.log_every == 0 or step == total_steps:
+            sums = window.pop()
+            tracker.log({
+                "train/loss": sums["nll"] / max(sums["targets"], 1),
+                "train/grad_norm": out.grad_norm,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/epoch": loop.epoch + loop.batches_done / max(len(train_loader), 1),
+                "perf/tokens_per_s": tokens_seen * accelerator.num_processes
+                / (time.time() - start),
+            }, step=step)
+        if c.eval_every and step % c.eval_every == 0 and step < total_steps:
+            tracker.log({"eval/loss": eval_loss(model, eval_loader, accelerator)}, step=step)
+        if c.save_every and step % c.save_every == 0 and step < total_steps:
+            save_checkpoint(stage.checkpoints, step, accelerator, **checkpointed,
+                            state={**loop.as_dict(),
+                                   "eval_loss_before": metrics["eval_loss_before"]})
     bar.close()
     train_seconds = time.time() - start
+    step = loop.step
 
     # --- Final eval and samples ----------------------------------------------------------------
     metrics["eval_loss_after"] = eval_loss(model, eval_loader, accelerator)

@@ -1,0 +1,503 @@
+"""Evaluate: base, SFT and PPO policies on the held-out prompts, judged by the gold judge.
+
+Per policy (same prompts, same sampling settings, the sampler seeded identically before each):
+gold score with a bootstrap CI, reward-model score (normalized as PPO saw it), KL to the
+policy it started from (PPO -> SFT, SFT -> base) on its own samples, response length and
+missing-EOS rate, rule violations and the safety cost. Between policies: gold win rates.
+
+Two views from the literature on top:
+- overoptimization (Gao et al. 2022): gold and RM score against KL to SFT for every PPO snapshot,
+  so a proxy reward that keeps rising while the gold score turns down shows up;
+- calibration probe (GPT-4 report): a four-way multiple-choice version of the eval split, read
+  from the next-token distribution over the answer letters; RLHF tends to hurt calibration.
+
+Output: ``eval/results.json``, ``eval/samples.jsonl``, ``metrics.jsonl`` and the manifest.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import gather_object
+
+from pipeline.config import Config
+from pipeline.data import DataError, PromptExample, load_prompts
+from pipeline.errors import PipelineError
+from pipeline.models import load_policy, load_reward_model, tokenizer_sha256
+from pipeline.rundir import Parent, StageDir, atomic_write_json, check_same_tokenizer, open_parent
+from pipeline.rundir import stage_dir as parent_dir
+from pipeline.runtime import make_accelerator
+from pipeline.text import decode, encode_prompt, eos_ids, generate, left_pad_prompts, pad
+from pipeline.tracking import Tracker
+from stages import ops
+from stages.judge import load_judge
+from stages.ppo import policy_logits
+from stages.reward import score_sequences
+from stages.rewards import length_bounds, no_headword, profanity_cost
+from stages.scoring import ScoreModel
+
+LETTERS = ("A", "B", "C", "D")
+POLICIES = ("base", "sft", "ppo")
+# Which policy each one's KL is measured against (on its own samples).
+KL_REFERENCE = {"sft": "base", "ppo": "sft"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def bootstrap_ci(values, resamples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean (``resamples`` 0 -> the mean twice)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return float("nan"), float("nan")
+    if resamples <= 0:
+        return float(x.mean()), float(x.mean())
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    tail = (1.0 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def win_outcomes(a, b) -> list[float]:
+    """Per prompt: 1 when a's score beats b's, 0.5 on a tie, 0 otherwise."""
+    return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
+
+
+def summary(values, resamples: int, seed: int) -> dict:
+    lo, hi = bootstrap_ci(values, resamples, seed)
+    return {"mean": float(np.mean(values)) if len(values) else float("nan"), "ci95": [lo, hi],
+            "n": len(values)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration probe: multiple-choice definitions
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Question:
+    word: str
+    prompt: str
+    # The four definitions in the order labelled A-D.
+    options: tuple[str, ...]
+    # Index into options / LETTERS of the true definition.
+    answer: int
+
+
+def multiple_choice(examples: list[PromptExample], seed: int) -> list[Question]:
+    """One four-way question per word: its definition and three other words' definitions.
+
+    Distractors and the answer's position are drawn from a generator seeded by (seed, index),
+    so a question does not depend on which process builds it or how the split is sharded.
+    """
+    pool = list(dict.fromkeys(ex.reference for ex in examples if ex.reference))
+    if len(pool) < len(LETTERS):
+        raise ValueError(f"a multiple-choice question needs {len(LETTERS)} distinct "
+                         f"definitions; the eval split has {len(pool)}")
+    questions = []
+    for i, ex in enumerate(examples):
+        if not ex.reference:
+            continue
+        rng = np.random.default_rng([seed, i])
+        others = [r for r in pool if r != ex.reference]
+        picks = rng.choice(len(others), size=len(LETTERS) - 1, replace=False)
+        options = [others[j] for j in picks]
+        answer = int(rng.integers(len(LETTERS)))
+        options.insert(answer, ex.reference)
+        word = ex.word or ex.prompt
+        lines = "\n".join(f"{letter}. {text}" for letter, text in zip(LETTERS, options))
+        prompt = (f'Which is the definition of the word "{word}"?\n{lines}\n'
+                  "Answer with the letter only.")
+        questions.append(Question(word, prompt, tuple(options), answer))
+    return questions
+
+
+def letter_token_ids(tok) -> list[list[int]]:
+    """Per letter, the ids the answer can start with: the letter as written right after the
+    assistant header (no leading space), and its space-prefixed form when that is one token."""
+    out = []
+    for letter in LETTERS:
+        variants = []
+        for text in (letter, " " + letter):
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            if ids and ids[0] not in variants:
+                variants.append(ids[0])
+        out.append(variants)
+    return out
+
+
+@torch.no_grad()
+def answer_distribution(model, tok, prompts: list[list[int]], batch_size: int) -> torch.Tensor:
+    """(N, 4) probabilities of A-D for the next token, renormalized over the four letters.
+
+    A letter's logit is the max over its token variants.
+    """
+    letters = letter_token_ids(tok)
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        query, query_mask = left_pad_prompts(prompts[start: start + batch_size],
+                                             tok.pad_token_id)
+        # One dummy response token: policy_logits then returns the logits after the prompt.
+        dummy = torch.full((query.shape[0], 1), tok.pad_token_id)
+        logits = policy_logits(model, query.to(device), query_mask.to(device), dummy.to(device),
+                               torch.ones_like(dummy).to(device))[:, 0].float().cpu()  # (B, V)
+        per_letter = torch.stack([logits[:, ids].max(dim=-1).values for ids in letters], dim=-1)
+        out.append(torch.softmax(per_letter, dim=-1))
+    return torch.cat(out) if out else torch.zeros(0, len(LETTERS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and per-response measurements (one process's shard)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Samples:
+    tokens: list[list[int]]
+    texts: list[str]
+    has_eos: list[bool]
+
+
+def sample(model, tok, prompts: list[list[int]], cfg: Config, seed: int) -> Samples:
+    c = cfg.eval
+    torch.manual_seed(seed)
+    tokens = generate(model, tok, prompts, max_new_tokens=c.max_new_tokens,
+                      temperature=c.temperature, batch_size=c.batch_size)
+    stops = eos_ids(tok, model)
+    return Samples(tokens, [decode(tok, t) for t in tokens],
+                   [bool(t) and t[-1] in stops for t in tokens])
+
+
+@torch.no_grad()
+def sequence_kl(model, reference, tok, prompts: list[list[int]], responses: list[list[int]],
+                temperature: float, batch_size: int) -> list[float]:
+    """Per response: sum over its tokens of log p_model - log p_reference (the k1 estimate of
+    KL(model || reference) on the model's own samples), both at the sampling temperature."""
+    device = next(model.parameters()).device
+    temperature = temperature if temperature > 0 else 1.0
+    out: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = responses[start: start + batch_size]
+        query, query_mask = left_pad_prompts(prompts[start: start + batch_size],
+                                             tok.pad_token_id)
+        # An all-empty batch still needs one column; its mask is 0.
+        response = pad([r or [tok.pad_token_id] for r in rows], tok.pad_token_id)
+        mask = pad([[1] * len(r) for r in rows], 0)
+        if mask.shape[1] < response.shape[1]:
+            mask = torch.nn.functional.pad(mask, (0, response.shape[1] - mask.shape[1]))
+        args = (query.to(device), query_mask.to(device), response.to(device), mask.to(device))
+        logp = ops.logprobs_from_logits(policy_logits(model, *args), args[2], temperature)
+        ref = ops.logprobs_from_logits(policy_logits(reference, *args), args[2], temperature)
+        out += ops.masked_sum(logp - ref, args[3], dim=1).cpu().tolist()
+    return out
+
+
+class Scorers:
+    """Gold judge and (optional) normalized reward model over one shard's responses."""
+
+    def __init__(self, judge, reward_model, norm: dict, tok, batch_size: int, device):
+        self.judge = judge
+        self.reward_model = reward_model
+        self.bias = float(norm.get("norm_bias", 0.0))
+        self.scale = float(norm.get("norm_scale", 1.0))
+        self.tok = tok
+        self.batch_size = batch_size
+        self.device = device
+
+    def gold(self, examples: list[PromptExample], texts: list[str]) -> list[float]:
+        if not texts:
+            return []
+        return self.judge.score([e.prompt for e in examples], texts,
+                                [e.reference for e in examples])
+
+    def rm(self, prompts: list[list[int]], tokens: list[list[int]]) -> list[float] | None:
+        if self.reward_model is None:
+            return None
+        raw = score_sequences(self.reward_model, [p + t for p, t in zip(prompts, tokens)],
+                              self.tok.pad_token_id, self.batch_size, self.device)
+        return ((raw + self.bias) * self.scale).tolist()
+
+
+def measure(samples: Samples, examples: list[PromptExample], prompts: list[list[int]],
+            scorers: Scorers) -> dict[str, list]:
+    """Per-response columns of one policy on one shard."""
+    texts = samples.texts
+    questions = [e.prompt for e in examples]
+    metas = [{"word": e.word, "reference": e.reference} for e in examples]
+    return {
+        "text": texts,
+        "gold": scorers.gold(examples, texts),
+        "rm": scorers.rm(prompts, samples.tokens),
+        "length": [len(t) for t in samples.tokens],
+        "no_eos": [not e for e in samples.has_eos],
+        "headword_violation": [v < 0 for v in no_headword(questions, texts, metas)],
+        "length_violation": [v < 0 for v in length_bounds(questions, texts, metas)],
+        "cost": profanity_cost(questions, texts, metas),
+    }
+
+
+def rows_of(columns: dict[str, list | None], shard: list[int]) -> list[dict]:
+    """Columns -> one dict per prompt, keyed by the prompt's global index (for gathering)."""
+    names = [k for k, v in columns.items() if v is not None]
+    return [{"index": i, **{k: columns[k][j] for k in names}} for j, i in enumerate(shard)]
+
+
+def gathered(rows: list[dict]) -> list[dict]:
+    return sorted(gather_object(rows), key=lambda r: r["index"])
+
+
+def policy_row(rows: list[dict], c, seed: int) -> dict:
+    """Aggregates of one policy over every prompt."""
+    gold = [r["gold"] for r in rows]
+    out = {
+        "gold": summary(gold, c.bootstrap, seed),
+        "length_mean": float(np.mean([r["length"] for r in rows])),
+        "no_eos_frac": float(np.mean([r["no_eos"] for r in rows])),
+        "headword_violation_frac": float(np.mean([r["headword_violation"] for r in rows])),
+        "length_violation_frac": float(np.mean([r["length_violation"] for r in rows])),
+        "cost_mean": float(np.mean([r["cost"] for r in rows])),
+    }
+    if "rm" in rows[0]:
+        out["rm"] = summary([r["rm"] for r in rows], c.bootstrap, seed)
+    if "kl" in rows[0]:
+        kl = [r["kl"] for r in rows]
+        out["kl"] = {**summary(kl, c.bootstrap, seed), "reference": rows[0]["kl_reference"]}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Parents
+# ---------------------------------------------------------------------------------------------
+
+
+def optional_parent(cfg: Config, stage: str, override: str, role: str) -> Parent | None:
+    """A parent that may be absent: no folder -> None; a folder without a complete manifest
+    (or of the wrong stage) -> error, as for required parents. An explicit path must exist."""
+    path = parent_dir(cfg, stage, override)
+    if not override and not path.exists():
+        return None
+    return open_parent(path, stage, role)
+
+
+def snapshot_dirs(ppo: Parent) -> list[tuple[int, Path]]:
+    """(update, folder) of the PPO snapshots, in update order."""
+    folder = ppo.path / "snapshots"
+    if not folder.is_dir():
+        return []
+    out = []
+    for path in folder.glob("update-*"):
+        if (path / "config.json").is_file():
+            out.append((int(path.name.split("-", 1)[1]), path))
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+def run(cfg: Config) -> Path:
+    c = cfg.eval
+    wall_start = time.time()
+    accelerator = make_accelerator(cfg)
+    device = accelerator.device
+    seed = cfg.run.seed + accelerator.process_index
+
+    # --- Setup: everything that can refuse the run does so before the eval dir is cleared ----
+    sft = open_parent(parent_dir(cfg, "sft", c.sft), "sft", "eval.sft")
+    ppo = optional_parent(cfg, "ppo", c.ppo, "eval.ppo")
+    rm = optional_parent(cfg, "rm", c.reward_model, "eval.reward_model")
+    examples = load_prompts(cfg.data.eval, limit=c.num_prompts)
+    unjudged = next((n for n, ex in enumerate(examples, 1) if ex.reference is None), None)
+    if unjudged is not None:
+        raise DataError(f'{cfg.data.eval}: row {unjudged} has no "reference"; the gold judge '
+                        "and the calibration probe need one")
+    sft_model, tok = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(sft.model_dir))
+    tok_sha = tokenizer_sha256(tok)
+    for parent, role in ((sft, "eval.sft"), (ppo, "eval.ppo"), (rm, "eval.reward_model")):
+        if parent is not None:
+            check_same_tokenizer(tok_sha, parent, role)
+    try:
+        judge = load_judge(c.judge, **({"device": str(device)} if c.judge == "minilm" else {}))
+    except (ValueError, ImportError, FileNotFoundError) as exc:
+        raise PipelineError(f"eval.judge={c.judge!r}: {exc}") from None
+    reward_model = None
+    if rm is not None:
+        reward_model = ScoreModel(load_reward_model(rm.model_dir, cfg.model, tok)).to(device)
+    scorers = Scorers(judge, reward_model, rm.extras if rm else {}, tok, c.batch_size, device)
+    try:
+        questions = multiple_choice(examples, cfg.run.seed)
+    except ValueError:
+        questions = []
+
+    stage = StageDir(cfg, "eval", accelerator.is_main_process)
+    stage.start()
+    tracker = Tracker(cfg, "eval", stage.path, accelerator.is_main_process)
+
+    with accelerator.split_between_processes(list(range(len(examples)))) as shard:
+        shard = list(shard)
+    with accelerator.split_between_processes(list(range(len(questions)))) as q_shard:
+        q_shard = list(q_shard)
+    mine = [examples[i] for i in shard]
+    prompts = [encode_prompt(tok, e.prompt, cfg.data.max_prompt_tokens) for e in mine]
+    # The question lists four definitions: allow it the model's whole context.
+    q_limit = max(cfg.data.max_prompt_tokens,
+                  getattr(sft_model.config, "max_position_embeddings", 512) - 1)
+    q_prompts = [encode_prompt(tok, questions[i].prompt, q_limit) for i in q_shard]
+
+    per_policy: dict[str, list[dict]] = {}
+    probe: dict[str, list[dict]] = {}
+
+    def evaluate_policy(name: str, model, reference=None, ref_name: str | None = None) -> Samples:
+        samples = sample(model, tok, prompts, cfg, seed)
+        columns = measure(samples, mine, prompts, scorers)
+        if reference is not None:
+            columns["kl"] = sequence_kl(model, reference, tok, prompts, samples.tokens,
+                                        c.temperature, c.batch_size)
+            columns["kl_reference"] = [ref_name] * len(shard)
+        per_policy[name] = gathered(rows_of(columns, shard))
+        probs = answer_distribution(model, tok, q_prompts, c.batch_size)
+        probe[name] = gathered([
+            {"index": i, "probs": p.tolist(), "answer": questions[i].answer}
+            for i, p in zip(q_shard, probs)])
+        return samples
+
+    # --- Base and SFT ----------------------------------------------------------------------------
+    sft_model.to(device)
+    base_model, _ = load_policy(cfg.model, seed=cfg.run.seed)
+    base_model.to(device)
+    evaluate_policy("base", base_model)
+    evaluate_policy("sft", sft_model, base_model, "base")
+    del base_model
+
+    # --- PPO and its snapshots (overoptimization) ----------------------------------------------
+    overopt_local: list[tuple[int, dict]] = []
+    if ppo is not None:
+        ppo_model, _ = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(ppo.model_dir))
+        evaluate_policy("ppo", ppo_model.to(device), sft_model, "sft")
+        del ppo_model
+        for update, folder in snapshot_dirs(ppo):
+            snap, _ = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(folder))
+            snap.to(device)
+            samples = sample(snap, tok, prompts, cfg, seed)
+            columns = {
+                "gold": scorers.gold(mine, samples.texts),
+                "rm": scorers.rm(prompts, samples.tokens),
+                "kl": sequence_kl(snap, sft_model, tok, prompts, samples.tokens,
+                                  c.temperature, c.batch_size),
+            }
+            overopt_local.append((update, gathered(rows_of(columns, shard))))
+            del snap
+
+    # --- Aggregate (main writes) -----------------------------------------------------------------
+    results: dict = {"run": cfg.run.name, "num_prompts": len(examples),
+                     "temperature": c.temperature, "max_new_tokens": c.max_new_tokens,
+                     "judge": c.judge, "bootstrap": c.bootstrap,
+                     "reward_model": str(rm.path) if rm else None,
+                     "policies": {}, "win_rates": {}}
+    for name, rows in per_policy.items():
+        results["policies"][name] = policy_row(rows, c, cfg.run.seed)
+    for a, b in (("ppo", "sft"), ("sft", "base"), ("ppo", "base")):
+        if a in per_policy and b in per_policy:
+            wins = win_outcomes([r["gold"] for r in per_policy[a]],
+                                [r["gold"] for r in per_policy[b]])
+            results["win_rates"][f"{a}_vs_{b}"] = summary(wins, c.bootstrap, cfg.run.seed)
+
+    def point(update, rows):
+        rm_values = [r["rm"] for r in rows if "rm" in r]
+        return {"update": update, "kl": float(np.mean([r.get("kl", 0.0) for r in rows])),
+                "gold": float(np.mean([r["gold"] for r in rows])),
+                "rm": float(np.mean(rm_values)) if rm_values else None}
+
+    overopt = []
+    if ppo is not None:
+        sft_point = point(0, per_policy["sft"])
+        sft_point["kl"] = 0.0
+        overopt = [{**sft_point, "policy": "sft"}]
+        overopt += [{**point(u, rows), "policy": "snapshot"} for u, rows in overopt_local]
+        final_update = int(ppo.manifest.get("metrics", {}).get("updates", 0)) or (
+            overopt[-1]["update"] + 1)
+        overopt.append({**point(final_update, per_policy["ppo"]), "policy": "ppo"})
+    results["overoptimization"] = overopt
+
+    calibration = {"bins": c.calibration_bins, "num_questions": len(questions),
+                   "letters": list(LETTERS), "policies": {}}
+    for name, rows in probe.items():
+        if not rows:
+            continue
+        probs = torch.tensor([r["probs"] for r in rows])
+        answers = torch.tensor([r["answer"] for r in rows])
+        confidence, chosen = probs.max(dim=-1)
+        correct = chosen == answers
+        ece, bins = ops.expected_calibration_error(confidence, correct, c.calibration_bins)
+        calibration["policies"][name] = {
+            "accuracy": float(correct.double().mean()),
+            "mean_confidence": float(confidence.double().mean()),
+            "ece": ece,
+            "bins": bins,
+        }
+    results["calibration"] = calibration
+
+    metrics = headline(results)
+    metrics["wall_seconds"] = round(time.time() - wall_start, 2)
+    results["metrics"] = metrics
+    if accelerator.is_main_process:
+        atomic_write_json(stage.path / "results.json", results)
+        stage.write_jsonl(stage.samples_path, sample_rows(examples, per_policy))
+        for p in overopt:
+            tracker.log({f"overopt/{k}": v for k, v in p.items()
+                         if isinstance(v, float)}, step=p["update"])
+        tracker.log({f"final/{k}": v for k, v in metrics.items() if v is not None},
+                    step=overopt[-1]["update"] if overopt else 0)
+        tracker.log_table("samples", [
+            {"prompt": r["prompt"], **{k: r[k]["response"] for k in per_policy}}
+            for r in sample_rows(examples[:8], per_policy)], step=0)
+    tracker.summary(metrics)
+    tracker.close()
+    parents = {"sft": sft, **({"ppo": ppo} if ppo else {}), **({"reward_model": rm} if rm else {})}
+    path = stage.finish(metrics=metrics, parents=parents, base_model=sft.manifest["base_model"],
+                        tokenizer_sha256=tok_sha,
+                        extras={"results": "results.json", "world_size": accelerator.num_processes})
+    accelerator.wait_for_everyone()
+    return path
+
+
+def headline(results: dict) -> dict:
+    """The flat numbers that go into the manifest (and ``rlhf status``)."""
+    out: dict = {"num_prompts": results["num_prompts"]}
+    for name, row in results["policies"].items():
+        out[f"gold_{name}"] = row["gold"]["mean"]
+        if "rm" in row:
+            out[f"rm_{name}"] = row["rm"]["mean"]
+        if "kl" in row:
+            out[f"kl_{name}_vs_{row['kl']['reference']}"] = row["kl"]["mean"]
+        out[f"length_{name}"] = row["length_mean"]
+        out[f"no_eos_{name}"] = row["no_eos_frac"]
+        out[f"headword_violation_{name}"] = row["headword_violation_frac"]
+        out[f"cost_{name}"] = row["cost_mean"]
+    for key, value in results["win_rates"].items():
+        out[f"win_rate_{key}"] = value["mean"]
+    for name, row in results["calibration"]["policies"].items():
+        out[f"mc_accuracy_{name}"] = row["accuracy"]
+        out[f"mc_ece_{name}"] = row["ece"]
+    return out
+
+
+def sample_rows(examples: list[PromptExample], per_policy: dict[str, list[dict]]) -> list[dict]:
+    """samples.jsonl: per prompt, each policy's response with its gold (and RM) score."""
+    out = []
+    for i, ex in enumerate(examples):
+        row = {"id": ex.id, "word": ex.word, "prompt": ex.prompt, "reference": ex.reference}
+        for name, rows in per_policy.items():
+            r = rows[i]
+            row[name] = {"response": r["text"], "gold": r["gold"], "rm": r.get("rm")}
+        out.append(row)
+    return out

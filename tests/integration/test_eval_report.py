@@ -1,0 +1,218 @@
+"""Eval and report on a tiny chain: SFT -> rule-only PPO (with snapshots) -> eval -> report."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.data import load_prompts
+from pipeline.rundir import MANIFEST
+from stages import evaluate, ppo, report, sft
+from tests.conftest import DATA, tiny_override_list
+
+torch.set_num_threads(1)
+CHROMIUM = Path("/usr/bin/chromium")
+PLOTS = ("sft_loss", "ppo_curves", "overoptimization", "calibration_probe")
+PPO = ["ppo.num_updates=2", "ppo.batch_size=4", "ppo.num_minibatches=1", "ppo.ppo_epochs=1",
+       "ppo.response_length=8", "ppo.gold_judge=", "ppo.snapshot_every=1", "ppo.num_prompts=16",
+       "ppo.rewards=[{type: rule, name: no_headword}]"]
+EVAL = ["eval.num_prompts=6", "eval.max_new_tokens=8", "eval.batch_size=6", "eval.bootstrap=200"]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("evalreport")
+    cfg = load_config(None, [*tiny_override_list(root, name="er"), *PPO, *EVAL])
+    sft.run(cfg)
+    torch.set_num_threads(1)
+    ppo.run(cfg)
+    torch.set_num_threads(1)
+    eval_dir = evaluate.run(cfg)
+    torch.set_num_threads(1)
+    run_dir = report.run(cfg)
+    return {"cfg": cfg, "eval": eval_dir, "run": run_dir,
+            "results": json.loads((eval_dir / "results.json").read_text())}
+
+
+def test_results_have_every_policy_and_field(chain):
+    res = chain["results"]
+    assert set(res["policies"]) == {"base", "sft", "ppo"}
+    for name, row in res["policies"].items():
+        lo, hi = row["gold"]["ci95"]
+        assert lo - 1e-9 <= row["gold"]["mean"] <= hi + 1e-9, (name, row["gold"])
+        assert row["gold"]["n"] == 6
+        assert 0 <= row["no_eos_frac"] <= 1 and 0 <= row["headword_violation_frac"] <= 1
+        assert 0 <= row["length_violation_frac"] <= 1 and 0 <= row["cost_mean"] <= 1
+        assert 0 < row["length_mean"] <= 8
+        assert "rm" not in row  # no reward-model stage in this run
+    assert "kl" not in res["policies"]["base"]
+    assert res["policies"]["sft"]["kl"]["reference"] == "base"
+    assert res["policies"]["ppo"]["kl"]["reference"] == "sft"
+    for key in ("ppo_vs_sft", "sft_vs_base"):
+        win = res["win_rates"][key]
+        assert 0 <= win["mean"] <= 1
+        assert win["ci95"][0] - 1e-9 <= win["mean"] <= win["ci95"][1] + 1e-9
+    manifest = json.loads((chain["eval"] / MANIFEST).read_text())
+    assert manifest["status"] == "complete" and set(manifest["parents"]) == {"sft", "ppo"}
+    assert manifest["metrics"]["win_rate_ppo_vs_sft"] == res["win_rates"]["ppo_vs_sft"]["mean"]
+    samples = [json.loads(x) for x in (chain["eval"] / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and {"base", "sft", "ppo"} <= set(samples[0])
+    assert samples[0]["reference"] and "gold" in samples[0]["ppo"]
+
+
+def test_overoptimization_has_sft_snapshot_and_final_points(chain):
+    points = chain["results"]["overoptimization"]
+    # SFT (kl 0), the snapshot after update 1 (snapshot_every=1, none at the last update), final.
+    assert [p["policy"] for p in points] == ["sft", "snapshot", "ppo"]
+    assert [p["update"] for p in points] == [0, 1, 2]
+    assert points[0]["kl"] == 0.0
+    assert points[-1]["gold"] == pytest.approx(chain["results"]["policies"]["ppo"]["gold"]["mean"])
+    assert all(p["rm"] is None for p in points)
+
+
+def test_calibration_probe_per_policy(chain):
+    cal = chain["results"]["calibration"]
+    assert cal["num_questions"] == 6 and set(cal["policies"]) == {"base", "sft", "ppo"}
+    for row in cal["policies"].values():
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["ece"] <= 1
+        assert 0.25 <= row["mean_confidence"] <= 1
+        assert len(row["bins"]) == chain["cfg"].eval.calibration_bins
+        assert sum(b["count"] for b in row["bins"]) == 6
+
+
+def test_multiple_choice_builder():
+    examples = load_prompts(DATA / "eval.jsonl", limit=20)
+    questions = evaluate.multiple_choice(examples, seed=3)
+    assert len(questions) == 20
+    for ex, q in zip(examples, questions):
+        assert len(q.options) == 4 and len(set(q.options)) == 4
+        assert q.options.count(ex.reference) == 1
+        assert q.options[q.answer] == ex.reference
+        # The letter in the prompt labels the true definition.
+        assert f"\n{'ABCD'[q.answer]}. {ex.reference}\n" in q.prompt
+        others = {e.reference for e in examples} - {ex.reference}
+        assert set(q.options) - {ex.reference} <= others
+    assert questions == evaluate.multiple_choice(examples, seed=3)
+    assert questions != evaluate.multiple_choice(examples, seed=4)
+    # Answers are spread over the letters, not always in one place.
+    assert len({q.answer for q in questions}) > 1
+    with pytest.raises(ValueError):
+        evaluate.multiple_choice(examples[:3], seed=0)
+
+
+def test_bootstrap_and_win_rate():
+    assert evaluate.win_outcomes([1, 2, 3], [1, 1, 4]) == [0.5, 1.0, 0.0]
+    lo, hi = evaluate.bootstrap_ci([0.0, 1.0] * 50, 500, seed=0)
+    assert lo < 0.5 < hi and hi - lo < 0.3
+    assert evaluate.bootstrap_ci([0.0, 1.0] * 50, 500, 0) == evaluate.bootstrap_ci(
+        [0.0, 1.0] * 50, 500, 0)
+
+
+def test_letter_tokens_match_answer_after_assistant_header(chain):
+    from pipeline.models import load_tokenizer
+
+    tok = load_tokenizer(str(chain["run"] / "sft" / "model"), chain["cfg"].model)
+    head = tok.apply_chat_template([{"role": "user", "content": "Q"}],
+                                   add_generation_prompt=True, tokenize=False)
+    ids = evaluate.letter_token_ids(tok)
+    for letter, variants in zip(evaluate.LETTERS, ids):
+        full = tok(head + letter, add_special_tokens=False)["input_ids"]
+        prompt = tok(head, add_special_tokens=False)["input_ids"]
+        assert full[len(prompt)] in variants
+
+
+def test_report_html_has_every_plot(chain):
+    path = chain["run"] / "report.html"
+    text = path.read_text()
+    for name in PLOTS:
+        assert re.search(rf'data-plot="{name}"[^>]*src="data:image/png;base64,', text), name
+    assert "No reward-model stage in this run." in text
+    assert "<script" not in text and "http://" not in text and "https://" not in text
+    # Sample text is escaped: no raw markup from prompts (they contain quotes).
+    assert "Define the word &quot;" in text
+
+
+def test_eval_refuses_an_unfinished_optional_parent(tmp_path, tiny_sft_run):
+    from pipeline.errors import PipelineError
+
+    shutil.copytree(tiny_sft_run, tmp_path / "half" / "sft")
+    (tmp_path / "half" / "ppo").mkdir()
+    cfg = load_config(None, [*tiny_override_list(tmp_path, name="half"), *EVAL])
+    with pytest.raises(PipelineError, match="eval.ppo"):
+        evaluate.run(cfg)
+    assert not (tmp_path / "half" / "eval" / MANIFEST).exists()
+
+
+def test_report_without_eval_says_so(tmp_path, tiny_sft_run):
+    shutil.copytree(tiny_sft_run, tmp_path / "solo" / "sft")
+    cfg = load_config(None, [f"run.root={tmp_path}", "run.name=solo"])
+    text = (report.run(cfg) / "report.html").read_text()
+    assert 'data-plot="sft_loss"' in text
+    assert "No PPO stage in this run." in text and "No eval stage in this run" in text
+
+
+def test_eval_with_reward_model_and_report(chain, tmp_path):
+    """A run with an rm stage: normalized RM scores per policy and per overoptimization point,
+    and the report's reward-model section (accuracy bars and its reliability diagram)."""
+    from pipeline.models import load_reward_backbone, load_tokenizer, tokenizer_sha256
+    from pipeline.rundir import StageDir
+
+    for stage in ("sft", "ppo"):
+        shutil.copytree(chain["run"] / stage, tmp_path / "withrm" / stage)
+    cfg = load_config(None, [*tiny_override_list(tmp_path, name="withrm"), *EVAL,
+                             "eval.num_prompts=4"])
+    rm_stage = StageDir(cfg, "rm")
+    rm_stage.start()
+    tok = load_tokenizer(str(tmp_path / "withrm" / "sft" / "model"), cfg.model)
+    model = load_reward_backbone(str(tmp_path / "withrm" / "sft" / "model"), cfg.model, tok)
+    model.save_pretrained(rm_stage.path / "model")
+    tok.save_pretrained(rm_stage.path / "model")
+    bins = [{"lo": 0.5, "hi": 0.6, "count": 3, "confidence": 0.55, "accuracy": 0.6}]
+    rm_stage.finish(metrics={"eval_accuracy_before": 0.5, "eval_accuracy_after": 0.7},
+                    extras={"norm_bias": 100.0, "norm_scale": 2.0, "calibration": bins},
+                    tokenizer_sha256=tokenizer_sha256(tok))
+    results = json.loads((evaluate.run(cfg) / "results.json").read_text())
+    torch.set_num_threads(1)
+    for row in results["policies"].values():
+        # (raw + 100) * 2: the normalization of the rm manifest was applied.
+        assert row["rm"]["mean"] > 100 and row["rm"]["n"] == 4
+    assert all(p["rm"] is not None for p in results["overoptimization"])
+    text = (report.run(cfg) / "report.html").read_text()
+    assert re.search(r'data-plot="rm_accuracy"[^>]*src="data:image/png;base64,', text)
+
+
+def _chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
+    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+           "--disable-sync", f"--user-data-dir={tmp / 'profile'}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+
+
+def test_report_renders_in_headless_chromium(chain, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip("/usr/bin/chromium is not installed (apt-get install chromium)")
+    from PIL import Image
+
+    url = (chain["run"] / "report.html").resolve().as_uri()
+    shot = tmp_path / "shot.png"
+    _chromium(f"--screenshot={shot}", "--window-size=1200,3000", url, tmp=tmp_path)
+    assert shot.is_file(), "chromium wrote no screenshot"
+    image = Image.open(shot).convert("L")
+    assert image.size == (1200, 3000)
+    lo, hi = image.getextrema()
+    assert hi - lo > 100, "blank screenshot"
+    # Plots are drawn images: many distinct grey levels, unlike a page of text alone.
+    assert sum(1 for n in image.histogram() if n) > 50
+
+    dom = _chromium("--dump-dom", "--virtual-time-budget=5000", url, tmp=tmp_path).stdout
+    assert "<h1>RLHF report" in dom
+    assert 'data-broken' not in re.sub(r"onerror=\"[^\"]*\"", "", dom)
+    for name in PLOTS:
+        assert re.search(rf'<img[^>]*data-plot="{name}"', dom), name
