@@ -111,3 +111,24 @@ def test_pad_right():
 def test_decode_drops_special_tokens(tok):
     ids = tok("A feline.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert decode(tok, ids) == "A feline."
+
+
+def test_sample_next_follows_the_distribution_and_filters():
+    from pipeline.text import sample_next
+
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    logits = probs.log().expand(20000, 4)
+    counts = torch.bincount(sample_next(logits, 1.0), minlength=4).float() / 20000
+    assert torch.allclose(counts, probs, atol=0.015)
+    assert counts[3] == 0
+    # Temperature 0 is greedy; top_k=1 and a small top_p keep only the best token.
+    assert torch.equal(sample_next(logits[:5], 0.0), torch.zeros(5, dtype=torch.long))
+    assert sample_next(logits[:200], 1.0, top_k=1).eq(0).all()
+    assert sample_next(logits[:200], 1.0, top_p=0.4).eq(0).all()
+    # top_p=0.7 keeps {0, 1} (mass 0.8 reaches 0.7), renormalized to 5/8, 3/8.
+    kept = torch.bincount(sample_next(logits, 1.0, top_p=0.7), minlength=4).float() / 20000
+    assert torch.allclose(kept, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.015)
+    # Temperature sharpens: at T=0.5 the probabilities go as p^2.
+    sharp = torch.bincount(sample_next(logits, 0.5), minlength=4).float() / 20000
+    assert torch.allclose(sharp, torch.tensor([25, 9, 4, 0]) / 38.0, atol=0.015)
