@@ -74,6 +74,9 @@ class ModelConfig:
     dtype: str = "float32"
     # Run code shipped with a hub model. Off unless the user opts in.
     trust_remote_code: bool = False
+    # System message for conversations that have none (baked into the saved chat template so
+    # every later stage formats prompts alike); null keeps the template's own default.
+    system_prompt: str | None = None
     # Hub revision (branch, tag or commit) for hub ids.
     revision: str | None = None
     # Where converted packaged models are cached; "" = $RLHF_CACHE or ~/.cache/rlhf-pipeline.

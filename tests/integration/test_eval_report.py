@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -197,6 +198,8 @@ def _chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
 
 def test_report_renders_in_headless_chromium(chain, tmp_path):
     if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail("/usr/bin/chromium is missing: .ci/run installs it before the tests")
         pytest.skip("/usr/bin/chromium is not installed (apt-get install chromium)")
     from PIL import Image
 
