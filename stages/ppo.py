@@ -93,12 +93,17 @@ def _inputs(query, query_mask, response, mask):
 
 
 def policy_logits(model, query, query_mask, response, mask) -> torch.Tensor:
-    """(B, T, V) next-token logits at the positions that produced each response token."""
+    """(B, T, V) next-token logits at the positions that produced each response token.
+
+    Only those T positions go through the LM head: over a 50k vocabulary the head is most of
+    a small model's work, and the prompt positions' logits would be thrown away.
+    """
     ids, attention = _inputs(query, query_mask, response, mask)
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=attention, position_ids=position_ids).logits
-    p = query.shape[1]
-    return logits[:, p - 1: -1]
+    t = response.shape[1]
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=position_ids,
+                   logits_to_keep=t + 1).logits  # (B, T+1, V)
+    return logits[:, :-1]
 
 
 def critic_values(critic, query, query_mask, response, mask) -> torch.Tensor:
@@ -345,11 +350,12 @@ def run(cfg: Config) -> Path:
 
         # --- 3. Evaluate: log-probs of policy and reference, critic values -----------------
         with torch.no_grad():
-            logprobs, ref_logprobs, values, cost_values = [], [], [], []
+            logprobs, ref_logprobs, values, cost_values, entropy = [], [], [], [], []
             for s in chunks(len(responses), c.forward_batch_size):
                 args = (query[s], query_mask[s], response[s], mask[s])
                 logits = policy_logits(unwrapped_policy, *args)
                 logprobs.append(ops.logprobs_from_logits(logits, response[s], c.temperature))
+                entropy.append(ops.entropy_from_logits(logits, c.temperature))
                 del logits
                 with ref_ctx():
                     ref_logits = policy_logits(ref_model, *args)
@@ -360,6 +366,7 @@ def run(cfg: Config) -> Path:
                 values.append(v[..., 0])
                 cost_values.append(v[..., 1] if c.lagrangian else torch.zeros_like(v[..., 0]))
             logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
+            entropy = torch.cat(entropy)  # (B, T) of the policy that sampled
             values, cost_values = torch.cat(values), torch.cat(cost_values)
         t_score = time.time() - t1
 
@@ -411,7 +418,7 @@ def run(cfg: Config) -> Path:
             "objective/scores": global_mean(scores),
             "objective/non_score_reward": global_mean(-beta * kl_sum),
             "objective/rlhf_reward": global_mean(scores - beta * kl_sum),
-            "objective/entropy_sampled": global_mean(ops.masked_mean(-logprobs, mask, dim=1)),
+            "policy/entropy": global_mean(ops.masked_mean(entropy, mask, dim=1)),
             "objective/cost": mean_cost,
             "objective/lambda": lagrange.value,
             "response/length": global_mean(lengths.float()),
@@ -500,12 +507,13 @@ def ppo_update(c: PPOConfig, rollout: Rollout, policy, critic, policy_opt, criti
                 logp = ops.logprobs_from_logits(logits, mb.response, c.temperature)
                 pg_loss, pg_stats = ops.policy_loss(logp, mb.logprobs, mb.advantages, mb.mask,
                                                     c.clip_range)
-                with torch.set_grad_enabled(c.entropy_coef > 0):
-                    entropy = ops.masked_mean(ops.entropy_from_logits(logits, c.temperature),
-                                              mb.mask)
+                loss = pg_loss
+                if c.entropy_coef:
+                    # Only computed when it is part of the loss: a full-vocabulary softmax with
+                    # its graph is expensive (the logged entropy comes from the rollout).
+                    loss = loss - c.entropy_coef * ops.masked_mean(
+                        ops.entropy_from_logits(logits, c.temperature), mb.mask)
                 del logits
-                loss = pg_loss - c.entropy_coef * entropy if c.entropy_coef else pg_loss
-                entropy = entropy.detach()
                 if demos:
                     ptx = ptx_loss(policy, demos, ptx_cursor + count * c.ptx_batch_size,
                                    c.ptx_batch_size, pad_id, accelerator.device)
@@ -516,7 +524,7 @@ def ppo_update(c: PPOConfig, rollout: Rollout, policy, critic, policy_opt, criti
                                                                         c.max_grad_norm)
                 policy_opt.step()
                 policy_opt.zero_grad()
-                stats.update({"loss/policy": pg_loss.detach(), "policy/entropy": entropy,
+                stats.update({"loss/policy": pg_loss.detach(),
                               **{f"policy/{k}": v for k, v in pg_stats.items()}})
             v = critic_values(critic, *args)
             vf_loss, vf_stats = ops.value_loss(v[..., 0], mb.values, mb.returns, mb.mask,
