@@ -57,5 +57,27 @@ data: install
 	test -d /usr/share/wordnet || (apt-get update -q && apt-get install -y -q wordnet-base)
 	$(BIN)/python data/build_wordnet.py
 
+# --- Benchmarks -------------------------------------------------------------------------------
+# The PPO anchor: TRL 1.12.0's PPOTrainer in its own venv (its pins stay out of ours); the
+# libraries it pulls are pinned to the versions the benchmark was built against.
+TRL_VENV  ?= .venv-trl112
+TRL_STAMP := $(TRL_VENV)/.installed
+BENCH_ARGS ?=
+
+bench-setup: $(TRL_STAMP)
+
+$(TRL_STAMP):
+	test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRL_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	$(TRL_VENV)/bin/python -m pip install -q trl==1.12.0 transformers==5.23.0 \
+		accelerate==1.15.0 datasets==5.2.0
+	$(TRL_VENV)/bin/python -c "from trl.experimental.ppo import PPOConfig, PPOTrainer"
+	touch $(TRL_STAMP)
+
+# Ours vs TRL 1.12 PPO on the same tiny models, interleaved; writes bench/results/.
+bench: install bench-setup
+	$(BIN)/python bench/ppo_vs_trl.py $(BENCH_ARGS)
+
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
