@@ -312,18 +312,24 @@ def summarize_side(runs: list[dict]) -> dict:
 def flops_figure(setup: dict, ours: dict, limits: dict, args) -> dict:
     """Achieved FLOP/s of our score and train phases vs the measured matmul peak.
 
-    Tokens per forward = batch * (longest prompt + response length): the padded width the
-    forwards run on. Policy compute ~ all its parameters (the tied embedding is the LM head's
-    matmul); critic and RM compute ~ their non-embedding parameters (embedding lookup is free).
-    Train: 6 * params * tokens per pass, policy + critic, times PPO epochs. Score: 2 * params *
-    tokens for policy, reference, critic and RM. Attention score FLOPs are ignored (short
-    sequences).
+    Counts the work PPO needs, not what an implementation happens to do: the trunk runs on
+    every position of the padded batch (batch * (longest prompt + response length)), the LM
+    head (the tied embedding matrix) only on the response positions whose log-probs are used;
+    critic and RM trunks on every position (their embedding is a lookup, their head a vector).
+    Train: 6 * FLOPs-per-token terms per pass, policy + critic, times PPO epochs. Score:
+    2 * the same for policy, reference, critic and RM. Attention score FLOPs are ignored.
     """
-    tokens = args.batch * (setup["prompt_tokens"]["max"] + args.response_length)
-    n_policy = setup["policy_params"]
+    positions = args.batch * (setup["prompt_tokens"]["max"] + args.response_length)
+    responses = args.batch * args.response_length
+    n_trunk = setup["policy_params"] - setup["embedding_params"]
+    n_head = setup["embedding_params"]
     n_critic = setup["reward_params"] - setup["embedding_params"]
-    train_flops = args.epochs * 6 * tokens * (n_policy + n_critic)
-    score_flops = 2 * tokens * (2 * n_policy + 2 * n_critic)
+    policy_pass = positions * n_trunk + responses * n_head
+    critic_pass = positions * n_critic
+    train_flops = args.epochs * 6 * (policy_pass + critic_pass)
+    score_flops = 2 * (2 * policy_pass + 2 * critic_pass)
+    tokens = positions
+    n_policy = setup["policy_params"]
     peak = limits["matmul"]["gflops_max"] * 1e9
     train_rate = train_flops / ours["train_s_median"]
     score_rate = score_flops / ours["score_s_median"]

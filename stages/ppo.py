@@ -153,7 +153,7 @@ class RewardFunction:
                 parts["rm_raw"] = raw
             else:
                 value = torch.tensor(fn(prompts, responses, metas), dtype=torch.float32)
-            parts[f"{kind}/{label}"] = value
+            parts["model" if kind == "model" else f"{kind}/{label}"] = value
             if kind == "cost" and self.cfg.lagrangian:
                 cost += weight * value
             elif kind == "cost":
