@@ -209,3 +209,31 @@ def test_k_way_loss_is_mean_over_prompts_of_mean_pair_loss() -> None:
     ]
     assert loss.item() == pytest.approx(sum(by_hand) / 3, rel=1e-6)
     assert stats["accuracy"].item() == pytest.approx(4 / 6)
+
+
+def test_label_and_reward_model_under_two_process_ddp(sft_dir: Path) -> None:
+    """Both stages shard their prompts over 2 gloo processes and gather every row once."""
+    import os
+    import subprocess
+    import sys
+
+    root = sft_dir.parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    common = ["--config", str(QUICK), f"run.root={root}", "run.name=ddp", *SFT_ARGS, *RM_ARGS]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"), "-m", "pipeline.cli"]
+    shutil.copytree(sft_dir, root / "ddp" / "sft")
+    for stage, extra in (("label", ["label.num_prompts=10", "label.k=3",
+                                    "label.max_new_tokens=6"]),
+                         ("rm", ["rm.eval_size=4", "rm.max_steps=2", "rm.batch_size=2"])):
+        proc = subprocess.run([*launch, stage, *common, *extra], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=540)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert read_manifest(root / "ddp" / stage)["metrics"]["world_size"] == 2
+    label = read_manifest(root / "ddp" / "label")["metrics"]
+    rows = (root / "ddp" / "label" / "data.jsonl").read_text().splitlines()
+    assert len(rows) == label["rows"] == 10 - label["skipped_prompts"]
+    rm = read_manifest(root / "ddp" / "rm")
+    # 4 held-out prompts with up to 3 responses: every pair counted once across processes.
+    assert 0 < rm["metrics"]["eval_pairs"] <= 4 * 3
+    assert rm["parents"]["label"]["path"] == str(root / "ddp" / "label")
