@@ -324,11 +324,9 @@ def run(cfg: Config) -> Path:
                              max_new_tokens=c.response_length, temperature=c.temperature,
                              top_k=c.top_k, top_p=c.top_p, batch_size=c.batch_size)
         query, query_mask = left_pad_prompts([encoded[i] for i in index], tok.pad_token_id)
+        # Right-padded; every response has >= 1 token, and one without EOS has the full length.
         response = pad_sequences(responses, tok.pad_token_id, side="right")
-        if response.shape[1] == 0:
-            response = torch.full((len(responses), 1), tok.pad_token_id)
         mask, has_eos, lengths = ops.response_mask_after_eos(response, stops)
-        # An empty response (pad only) has no valid token; keep it scorable with length 1.
         query, query_mask = query.to(accelerator.device), query_mask.to(accelerator.device)
         response, mask = response.to(accelerator.device), mask.to(accelerator.device)
         t_generate = time.time() - t0
