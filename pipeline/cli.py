@@ -96,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     stages = PIPELINE_ORDER if args.command == "pipeline" else (args.command,)
     try:
         for name in stages:
+            done = read_manifest(cfg.run_dir / name) if name in STAGES else None
+            if args.command == "pipeline" and cfg.run.resume and done is not None \
+                    and done.get("status") == "complete":
+                # Resuming a pipeline continues the stage that was killed, not the finished ones.
+                if os.environ.get("RANK", "0") == "0":
+                    print(f"[{name}] already complete, skipped: {cfg.run_dir / name}")
+                continue
             path = run_stage(name, cfg)
             if os.environ.get("RANK", "0") != "0":
                 continue

@@ -73,3 +73,20 @@ def test_two_process_ddp_sft(tiny_overrides, tmp_path):
     # Only rank 0 writes: one row per step, not one per process.
     assert [r["step"] for r in logged if "train/loss" in r] == [1, 2]
     assert "[sft] complete" in proc.stdout
+
+
+def test_pipeline_resume_skips_finished_stages(tiny_sft_run, tmp_path, capsys):
+    """`rlhf pipeline run.resume=true` after a kill continues where it stopped."""
+    import shutil
+
+    run = tmp_path / "runs" / "r"
+    shutil.copytree(tiny_sft_run, run / "sft")
+
+    # label is the first unfinished stage; a resume without its checkpoint folder reruns it
+    # from the start, and a bad judge name makes it stop there with exit 1.
+    code = main(["pipeline", "--config", str(REPO / "configs" / "quick.yaml"),
+                 f"run.root={tmp_path / 'runs'}", "run.name=r", "run.resume=true",
+                 "label.judge=no_such_judge"])
+    out = capsys.readouterr()
+    assert "[sft] already complete, skipped" in out.out
+    assert code == 1 and "no_such_judge" in out.err
