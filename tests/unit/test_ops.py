@@ -13,10 +13,12 @@ import torch
 # pytest is run as `.venv/bin/pytest` from anywhere.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import stages.ops as ops_module  # noqa: E402
 from stages.ops import (  # noqa: E402
     AdaptiveKLController,
     FixedKLController,
     LagrangeMultiplier,
+    Workspace,
     bradley_terry_loss,
     bradley_terry_pairs,
     entropy_from_logits,
@@ -27,6 +29,8 @@ from stages.ops import (  # noqa: E402
     kl_shaped_rewards,
     lagrangian_advantages,
     last_index,
+    logprobs_and_entropy,
+    logprobs_from_hidden,
     logprobs_from_logits,
     masked_mean,
     masked_sum,
@@ -143,6 +147,86 @@ def test_logprobs_match_log_softmax() -> None:
         close(logprobs_from_logits(logits, labels, temperature=temp), ref.tolist())
     # bf16 input is upcast, result is float32
     assert logprobs_from_logits(logits.bfloat16(), labels).dtype == torch.float32
+
+
+def reference_logprobs(logits: torch.Tensor, labels: torch.Tensor, temp: float) -> torch.Tensor:
+    z = logits.float() / temp
+    return torch.log_softmax(z, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 3 rows over an 11-token vocabulary: the chunk loops run several times."""
+    monkeypatch.setattr(ops_module, "_CHUNK_ELEMENTS", 33)
+
+
+def test_logprobs_gradient_matches_autograd(small_chunks) -> None:
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(2, 5, 11, generator=g) * 3).requires_grad_(True)
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    weights = torch.randn(2, 5, generator=g)
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    (logprobs_from_logits(logits, labels, 0.7) * weights).sum().backward()
+    (reference_logprobs(ref_logits, labels, 0.7) * weights).sum().backward()
+    torch.testing.assert_close(logits.grad, ref_logits.grad, atol=1e-6, rtol=1e-5)
+    # bf16 logits: gradient in bf16, computed in float32
+    low = logits.detach().bfloat16().requires_grad_(True)
+    (logprobs_from_logits(low, labels, 0.7) * weights).sum().backward()
+    assert low.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(low.grad.float(), ref_logits.grad, atol=0.02, rtol=0.02)
+
+
+def test_logprobs_and_entropy_in_one_pass(small_chunks) -> None:
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 4, 11, generator=g) * 2
+    labels = torch.randint(0, 11, (3, 4), generator=g)
+    logp, entropy = logprobs_and_entropy(logits, labels, 1.3)
+    close(logp, reference_logprobs(logits, labels, 1.3).tolist())
+    close(entropy, entropy_from_logits(logits, 1.3).tolist())
+
+
+def test_logprobs_from_hidden_matches_head_then_logprobs(small_chunks) -> None:
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(7, 5, generator=g)
+    weight = torch.randn(11, 5, generator=g)
+    bias = torch.randn(11, generator=g)
+    labels = torch.randint(0, 11, (7,), generator=g)
+    upstream = torch.randn(7, generator=g)
+    workspace = Workspace()
+    for b in (None, bias):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight)]
+        ref = [t.clone().requires_grad_(True) for t in (hidden, weight)]
+        b1 = b2 = None
+        if b is not None:
+            b1, b2 = b.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        logp, entropy = logprobs_from_hidden(*leaves, b1, labels, 0.8, workspace,
+                                             with_entropy=True)
+        logits = torch.nn.functional.linear(ref[0], ref[1], b2)
+        expected = reference_logprobs(logits, labels, 0.8)
+        torch.testing.assert_close(logp, expected, atol=1e-5, rtol=1e-5)
+        close(entropy, entropy_from_logits(logits.detach(), 0.8).tolist())
+        assert not entropy.requires_grad
+        (logp * upstream).sum().backward()
+        (expected * upstream).sum().backward()
+        for mine, theirs in zip(leaves + [b1], ref + [b2]):
+            if mine is not None:
+                torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-5, rtol=1e-5)
+    # the logits buffer went back to the workspace and is reused by the next call
+    assert len(workspace.free) == 1
+    kept = workspace.free[0].data_ptr()
+    with torch.no_grad():
+        logprobs_from_hidden(hidden, weight, None, labels, 1.0, workspace)
+    assert [buf.data_ptr() for buf in workspace.free] == [kept]
+
+
+def test_workspace_keeps_the_largest_buffers() -> None:
+    workspace = Workspace(keep=2)
+    for rows in (1, 3, 2):
+        workspace.give(torch.empty(rows, 4))
+    assert sorted(b.numel() for b in workspace.free) == [8, 12]
+    assert workspace.take(2, 4, torch.device("cpu")).shape == (2, 4)  # fits in a kept one
+    assert len(workspace.free) == 1
+    assert Workspace(keep=0).free == []
 
 
 def test_entropy() -> None:
