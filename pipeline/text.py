@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pipeline.models import hf_model, output_logits, position_ids
+
 IGNORE_INDEX = -100
 
 
@@ -155,18 +157,21 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
     stops = sorted(eos_ids(tok, model))
     device = next(model.parameters()).device
     stop_ids = torch.tensor(stops, device=device)
+    inner = hf_model(model)
+    trunk = getattr(inner, inner.base_model_prefix)
     responses: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start: start + batch_size]
         ids, mask = left_pad_prompts(chunk, tok.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
-        position = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True,
-                    logits_to_keep=1)
+        position = position_ids(mask)
+        # The trunk, then the output head on the last position only (see output_logits).
+        out = trunk(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
         finished = torch.zeros(len(chunk), dtype=torch.bool, device=device)
         steps = []
         for _ in range(max_new_tokens):
-            token = sample_next(out.logits[:, -1], temperature, top_k, top_p)
+            logits = output_logits(inner, out.last_hidden_state[:, -1])  # (B, V)
+            token = sample_next(logits, temperature, top_k, top_p)
             token = token.masked_fill(finished, tok.pad_token_id)
             steps.append(token)
             finished |= torch.isin(token, stop_ids)
@@ -174,7 +179,7 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
                 break
             mask = torch.cat([mask, mask.new_ones(len(chunk), 1)], dim=1)
             position = position[:, -1:] + 1
-            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
+            out = trunk(input_ids=token[:, None], attention_mask=mask, position_ids=position,
                         past_key_values=out.past_key_values, use_cache=True)
         rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in chunk]
         responses += [truncate_at_eos(row, set(stops), tok.pad_token_id) for row in rows]

@@ -27,7 +27,7 @@ from accelerate.utils import gather_object
 from pipeline.config import Config
 from pipeline.data import DataError, PromptExample, load_prompts
 from pipeline.errors import PipelineError
-from pipeline.models import load_policy, load_reward_model, tokenizer_sha256
+from pipeline.models import load_policy, load_reward_model, position_ids, tokenizer_sha256
 from pipeline.rundir import Parent, StageDir, atomic_write_json, check_same_tokenizer, open_parent
 from pipeline.rundir import stage_dir as parent_dir
 from pipeline.runtime import make_accelerator
@@ -35,10 +35,10 @@ from pipeline.text import decode, encode_prompt, eos_ids, generate, left_pad_pro
 from pipeline.tracking import Tracker
 from stages import ops
 from stages.judge import load_judge
-from stages.ppo import policy_logits
+from stages.ppo import response_logprobs
 from stages.reward import score_sequences
 from stages.rewards import length_bounds, no_headword, profanity_cost
-from stages.scoring import ScoreModel
+from stages.scoring import PolicyModel, ScoreModel
 
 LETTERS = ("A", "B", "C", "D")
 POLICIES = ("base", "sft", "ppo")
@@ -145,10 +145,10 @@ def answer_distribution(model, tok, prompts: list[list[int]], batch_size: int) -
     for start in range(0, len(prompts), batch_size):
         query, query_mask = left_pad_prompts(prompts[start: start + batch_size],
                                              tok.pad_token_id)
-        # One dummy response token: policy_logits then returns the logits after the prompt.
-        dummy = torch.full((query.shape[0], 1), tok.pad_token_id)
-        logits = policy_logits(model, query.to(device), query_mask.to(device), dummy.to(device),
-                               torch.ones_like(dummy).to(device))[:, 0].float().cpu()  # (B, V)
+        query, query_mask = query.to(device), query_mask.to(device)
+        logits = model(input_ids=query, attention_mask=query_mask,
+                       position_ids=position_ids(query_mask),
+                       logits_to_keep=1).logits[:, -1].float().cpu()  # (B, V)
         per_letter = torch.stack([logits[:, ids].max(dim=-1).values for ids in letters], dim=-1)
         out.append(torch.softmax(per_letter, dim=-1))
     return torch.cat(out) if out else torch.zeros(0, len(LETTERS))
@@ -194,8 +194,8 @@ def sequence_kl(model, reference, tok, prompts: list[list[int]], responses: list
         if mask.shape[1] < response.shape[1]:
             mask = torch.nn.functional.pad(mask, (0, response.shape[1] - mask.shape[1]))
         args = (query.to(device), query_mask.to(device), response.to(device), mask.to(device))
-        logp = ops.logprobs_from_logits(policy_logits(model, *args), args[2], temperature)
-        ref = ops.logprobs_from_logits(policy_logits(reference, *args), args[2], temperature)
+        logp = response_logprobs(PolicyModel(model), *args, temperature)[0]
+        ref = response_logprobs(PolicyModel(reference), *args, temperature)[0]
         out += ops.masked_sum(logp - ref, args[3], dim=1).cpu().tolist()
     return out
 

@@ -53,10 +53,16 @@ from pipeline.text import (
 )
 from pipeline.text import pad as pad_sequences
 from pipeline.tracking import Tracker
-from pipeline.training import build_scheduler, load_checkpoint, resume_point, save_checkpoint
+from pipeline.training import (
+    build_scheduler,
+    fused_adam_ok,
+    load_checkpoint,
+    resume_point,
+    save_checkpoint,
+)
 from stages import ops
 from stages.rewards import resolve_rule
-from stages.scoring import ScoreModel, sequence_scores
+from stages.scoring import PolicyModel, ScoreModel, sequence_scores
 
 
 @dataclass
@@ -92,31 +98,46 @@ def _inputs(query, query_mask, response, mask):
     return ids, attention
 
 
-def policy_logits(model, query, query_mask, response, mask) -> torch.Tensor:
-    """(B, T, V) next-token logits at the positions that produced each response token.
-
-    Only those T positions go through the LM head: over a 50k vocabulary the head is most of
-    a small model's work, and the prompt positions' logits would be thrown away.
-    """
+def response_logprobs(policy: PolicyModel, query, query_mask, response, mask,
+                      temperature: float, entropy: str = "none"):
+    """(B, T) log-probs of the response tokens at the sampling temperature, 0 past each
+    response's end; and (B, T) entropies when asked (see PolicyModel)."""
     ids, attention = _inputs(query, query_mask, response, mask)
-    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-    t = response.shape[1]
-    logits = model(input_ids=ids, attention_mask=attention, position_ids=position_ids,
-                   logits_to_keep=t + 1).logits  # (B, T+1, V)
-    return logits[:, :-1]
+    scored = torch.cat([torch.zeros_like(query_mask), mask.long()], dim=1)  # (B, P+T)
+    logp, ent = policy(ids, attention, scored, temperature, entropy)
+    p = query.shape[1]
+    return logp[:, p:], (None if ent is None else ent[:, p:])
 
 
 def critic_values(critic, query, query_mask, response, mask) -> torch.Tensor:
     """(B, T, C) value estimates of the states before each response token."""
     ids, attention = _inputs(query, query_mask, response, mask)
     p = query.shape[1]
-    return critic(ids, attention)[:, p - 1: -1]
+    # The state after the last token has no value to estimate: the trunk stops before it.
+    return critic(ids[:, :-1], attention[:, :-1])[:, p - 1:]
 
 
-def chunks(n: int, size: int):
-    size = size or n
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
+def minibatch_orders(n: int, epochs: int, seed: int) -> list[torch.Tensor]:
+    """One random permutation of the batch per PPO epoch; minibatches are its slices."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randperm(n, generator=generator) for _ in range(epochs)]
+
+
+def forward_groups(first: torch.Tensor, rest: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Row indices for the evaluation forwards: ``first`` whole, then ``rest`` in ``size``s."""
+    size = size or max(len(rest), 1)
+    return [first] + [rest[s: s + size] for s in range(0, len(rest), size)]
+
+
+@dataclass
+class FirstForward:
+    """Policy and critic outputs of epoch 1's first minibatch, computed with gradients during
+    evaluation: the weights have not changed yet, so the update reuses them instead of
+    running the same forward again."""
+
+    logprobs: torch.Tensor | None  # (b, T) with graph; None while only the critic trains
+    entropy: torch.Tensor | None   # (b, T) with graph when the entropy bonus is on
+    values: torch.Tensor           # (b, T, C) with graph
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,7 +196,7 @@ def _reward_parent(cfg: Config) -> Parent | None:
 
 
 def build_models(cfg: Config, sft: Parent, rm: Parent | None, accelerator):
-    """(policy, reference or None, critic ScoreModel, reward fn on (ids, mask), tok)."""
+    """(PolicyModel, its reference or None, critic ScoreModel, reward fn on (ids, mask), tok)."""
     c = cfg.ppo
     policy, tok = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(sft.model_dir))
     cost_heads = 1 if c.lagrangian else 0
@@ -185,7 +206,7 @@ def build_models(cfg: Config, sft: Parent, rm: Parent | None, accelerator):
         policy = apply_lora(policy, lora)
         reference = None
     else:
-        reference = copy.deepcopy(policy).requires_grad_(False).eval()
+        reference = PolicyModel(copy.deepcopy(policy).requires_grad_(False).eval())
 
     if rm is not None:
         critic_base = load_reward_model(rm.model_dir, cfg.model, tok)
@@ -217,7 +238,7 @@ def build_models(cfg: Config, sft: Parent, rm: Parent | None, accelerator):
 
     if c.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
-    return policy, reference, critic, reward_scores, tok
+    return PolicyModel(policy), reference, critic, reward_scores, tok
 
 
 def reference_context(policy, reference):
@@ -227,12 +248,13 @@ def reference_context(policy, reference):
     """
     if reference is not None:
         return reference, contextlib.nullcontext
-    return policy, policy.disable_adapter
+    return policy, policy.model.disable_adapter
 
 
 def make_optimizer(model, lr: float, cfg: PPOConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.Adam(params, lr=lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                            fused=fused_adam_ok(params))
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,7 +281,7 @@ def run(cfg: Config) -> Path:
     if rm is not None:
         check_same_tokenizer(tok_sha, rm, "ppo.reward_model")
     reward_fn = RewardFunction(c, reward_scores, rm.extras if rm is not None else {})
-    stops = sorted(eos_ids(tok, policy))
+    stops = sorted(eos_ids(tok, policy.model))
 
     prompts = load_prompts(cfg.data.ppo, limit=c.num_prompts)
     encoded = [encode_prompt(tok, p.prompt, cfg.data.max_prompt_tokens) for p in prompts]
@@ -300,6 +322,7 @@ def run(cfg: Config) -> Path:
     tracker = Tracker(cfg, "ppo", stage.path, accelerator.is_main_process,
                       resume_step=update if resume_from else None)
     unwrapped_policy = accelerator.unwrap_model(policy)
+    unwrapped_critic = accelerator.unwrap_model(critic)
     ref_model, ref_ctx = reference_context(unwrapped_policy, reference)
     history: list[dict] = []
     if resume_from is not None and accelerator.is_main_process:
@@ -320,7 +343,7 @@ def run(cfg: Config) -> Path:
                  for i in range(c.batch_size)]
         cursor += c.batch_size * world
         batch_prompts: list[PromptExample] = [prompts[i] for i in index]
-        responses = generate(unwrapped_policy, tok, [encoded[i] for i in index],
+        responses = generate(unwrapped_policy.model, tok, [encoded[i] for i in index],
                              max_new_tokens=c.response_length, temperature=c.temperature,
                              top_k=c.top_k, top_p=c.top_p, batch_size=c.batch_size)
         query, query_mask = left_pad_prompts([encoded[i] for i in index], tok.pad_token_id)
@@ -347,25 +370,35 @@ def run(cfg: Config) -> Path:
                                             [p.reference for p in batch_prompts]))
 
         # --- 3. Evaluate: log-probs of policy and reference, critic values -----------------
-        with torch.no_grad():
-            logprobs, ref_logprobs, values, cost_values, entropy = [], [], [], [], []
-            for s in chunks(len(responses), c.forward_batch_size):
-                args = (query[s], query_mask[s], response[s], mask[s])
-                logits = policy_logits(unwrapped_policy, *args)
-                logprobs.append(ops.logprobs_from_logits(logits, response[s], c.temperature))
-                entropy.append(ops.entropy_from_logits(logits, c.temperature))
-                del logits
-                with ref_ctx():
-                    ref_logits = policy_logits(ref_model, *args)
-                ref_logprobs.append(ops.logprobs_from_logits(ref_logits, response[s],
-                                                             c.temperature))
-                del ref_logits
-                v = critic_values(accelerator.unwrap_model(critic), *args)
-                values.append(v[..., 0])
-                cost_values.append(v[..., 1] if c.lagrangian else torch.zeros_like(v[..., 0]))
-            logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
-            entropy = torch.cat(entropy)  # (B, T) of the policy that sampled
-            values, cost_values = torch.cat(values), torch.cat(cost_values)
+        # The first minibatch of PPO epoch 1 sees unchanged weights, so its forward happens
+        # here, with gradients, and the update starts from it instead of repeating it.
+        train_policy = update >= c.critic_warmup_updates
+        b = len(responses)
+        orders = [o.to(accelerator.device)
+                  for o in minibatch_orders(b, c.ppo_epochs, seed=cfg.run.seed + update)]
+        first_rows = orders[0][: b // c.num_minibatches]
+        logprobs = torch.zeros(response.shape, device=accelerator.device)   # (B, T)
+        ref_logprobs, entropy = torch.zeros_like(logprobs), torch.zeros_like(logprobs)
+        values = torch.zeros(*response.shape, 2, device=accelerator.device)  # (B, T, 2)
+        first = None
+        for i, rows in enumerate(forward_groups(first_rows, orders[0][len(first_rows):],
+                                                c.forward_batch_size)):
+            args = (query[rows], query_mask[rows], response[rows], mask[rows])
+            reuse = i == 0
+            with torch.set_grad_enabled(reuse and train_policy):
+                logp, ent = response_logprobs(
+                    policy if reuse else unwrapped_policy, *args, c.temperature,
+                    entropy="grad" if reuse and train_policy and c.entropy_coef else "detached")
+            with torch.no_grad(), ref_ctx():
+                ref_logprobs[rows] = response_logprobs(ref_model, *args, c.temperature)[0]
+            with torch.set_grad_enabled(reuse):
+                v = critic_values(critic if reuse else unwrapped_critic, *args)  # (b, T, C)
+            logprobs[rows], entropy[rows] = logp.detach(), ent.detach()
+            values[rows, :, : v.shape[-1]] = v.detach()
+            if reuse:
+                first = FirstForward(logp if train_policy else None,
+                                     ent if train_policy and c.entropy_coef else None, v)
+        values, cost_values = values[..., 0], values[..., 1]  # cost: zeros without a constraint
         t_score = time.time() - t1
 
         # --- 4. KL-shaped rewards ---------------------------------------------------------
@@ -391,10 +424,10 @@ def run(cfg: Config) -> Path:
 
         # --- 6. PPO update ------------------------------------------------------------------
         t2 = time.time()
-        train_policy = update >= c.critic_warmup_updates
-        stats = ppo_update(c, rollout, policy, critic, policy_opt, critic_opt, policy_sched,
-                           critic_sched, accelerator, train_policy, demos, ptx_cursor,
-                           tok.pad_token_id, seed=cfg.run.seed + update)
+        stats = ppo_update(c, rollout, orders, first, policy, critic, policy_opt, critic_opt,
+                           policy_sched, critic_sched, accelerator, train_policy, demos,
+                           ptx_cursor, tok.pad_token_id)
+        del first
         ptx_cursor += c.ptx_batch_size * c.ppo_epochs * c.num_minibatches if demos else 0
         t_train = time.time() - t2
 
@@ -450,7 +483,7 @@ def run(cfg: Config) -> Path:
             tracker.log_table("samples", table, step=update)
         if c.snapshot_every and update % c.snapshot_every == 0 and update < c.num_updates:
             if accelerator.is_main_process:
-                snapshot = merged(copy.deepcopy(unwrapped_policy))
+                snapshot = merged(copy.deepcopy(unwrapped_policy.model))
                 save_pretrained_atomic(snapshot, tok,
                                        stage.path / "snapshots" / f"update-{update:06d}")
                 del snapshot
@@ -464,7 +497,7 @@ def run(cfg: Config) -> Path:
     bar.close()
 
     # --- Save ----------------------------------------------------------------------------------
-    final = merged(accelerator.unwrap_model(policy))
+    final = merged(accelerator.unwrap_model(policy).model)
     if accelerator.is_main_process:
         save_pretrained_atomic(final, tok, stage.path / "model")
     accelerator.wait_for_everyone()
@@ -483,35 +516,38 @@ def run(cfg: Config) -> Path:
                                 "norm": rm.extras if rm is not None else {}})
 
 
-def ppo_update(c: PPOConfig, rollout: Rollout, policy, critic, policy_opt, critic_opt,
+def ppo_update(c: PPOConfig, rollout: Rollout, orders: list[torch.Tensor],
+               first: FirstForward | None, policy, critic, policy_opt, critic_opt,
                policy_sched, critic_sched, accelerator, train_policy: bool,
-               demos: list, ptx_cursor: int, pad_id: int, seed: int) -> dict[str, float]:
-    """PPO epochs over shuffled minibatches; returns the mean of each loss statistic."""
+               demos: list, ptx_cursor: int, pad_id: int) -> dict[str, float]:
+    """PPO epochs over the minibatches that ``orders`` defines (one permutation per epoch);
+    ``first`` holds the forward of epoch 1's first minibatch. Returns the mean of each loss
+    statistic."""
     n = rollout.response.shape[0]
     size = n // c.num_minibatches
-    generator = torch.Generator().manual_seed(seed)
     totals: dict[str, float] = {}
     count = 0
     policy.train()
     critic.train()
-    for _ in range(c.ppo_epochs):
-        order = torch.randperm(n, generator=generator).to(rollout.response.device)
+    for order in orders:
         for start in range(0, n, size):
             mb = rollout.select(order[start: start + size])
             args = (mb.query, mb.query_mask, mb.response, mb.mask)
+            reuse, first = first, None
             stats: dict[str, torch.Tensor] = {}
             if train_policy:
-                logits = policy_logits(policy, *args)
-                logp = ops.logprobs_from_logits(logits, mb.response, c.temperature)
+                if reuse is not None:
+                    logp, entropy = reuse.logprobs, reuse.entropy
+                else:
+                    # The entropy bonus needs a full-vocabulary softmax with its graph: only
+                    # computed when it is part of the loss (the logged entropy is the rollout's).
+                    logp, entropy = response_logprobs(
+                        policy, *args, c.temperature, entropy="grad" if c.entropy_coef else "none")
                 pg_loss, pg_stats = ops.policy_loss(logp, mb.logprobs, mb.advantages, mb.mask,
                                                     c.clip_range)
                 loss = pg_loss
                 if c.entropy_coef:
-                    # Only computed when it is part of the loss: a full-vocabulary softmax with
-                    # its graph is expensive (the logged entropy comes from the rollout).
-                    loss = loss - c.entropy_coef * ops.masked_mean(
-                        ops.entropy_from_logits(logits, c.temperature), mb.mask)
-                del logits
+                    loss = loss - c.entropy_coef * ops.masked_mean(entropy, mb.mask)
                 if demos:
                     ptx = ptx_loss(policy, demos, ptx_cursor + count * c.ptx_batch_size,
                                    c.ptx_batch_size, pad_id, accelerator.device)
@@ -524,7 +560,7 @@ def ppo_update(c: PPOConfig, rollout: Rollout, policy, critic, policy_opt, criti
                 policy_opt.zero_grad()
                 stats.update({"loss/policy": pg_loss.detach(),
                               **{f"policy/{k}": v for k, v in pg_stats.items()}})
-            v = critic_values(critic, *args)
+            v = reuse.values if reuse is not None else critic_values(critic, *args)
             vf_loss, vf_stats = ops.value_loss(v[..., 0], mb.values, mb.returns, mb.mask,
                                                c.clip_range_value)
             if c.lagrangian:
@@ -548,15 +584,17 @@ def ppo_update(c: PPOConfig, rollout: Rollout, policy, critic, policy_opt, criti
     return dict(zip(sorted(totals), means.tolist()))
 
 
-def ptx_loss(policy, demos, cursor: int, batch_size: int, pad_id: int, device) -> torch.Tensor:
+def ptx_loss(policy: PolicyModel, demos, cursor: int, batch_size: int, pad_id: int,
+             device) -> torch.Tensor:
     """PPO-ptx: the SFT loss on demonstrations, so RL doesn't forget how to write them."""
     batch = [demos[(cursor + i) % len(demos)] for i in range(batch_size)]
     ids = pad_sequences([b[0] for b in batch], pad_id).to(device)
     labels = pad_sequences([b[1] for b in batch], IGNORE_INDEX).to(device)
     attention = (pad_sequences([[1] * len(b[0]) for b in batch], 0)).to(device)
-    logits = policy(input_ids=ids, attention_mask=attention).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
-                                             labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    trained = labels != IGNORE_INDEX  # where labels == ids: the assistant's tokens
+    trained[:, 0] = False             # nothing predicts the first token
+    logp, _ = policy(ids, attention, trained)
+    return -ops.masked_mean(logp, trained)
 
 
 def summarize(history: list[dict]) -> dict:

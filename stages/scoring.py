@@ -1,25 +1,74 @@
-"""Scalar heads read per token: the reward model (at the last real token) and the critic.
+"""Models read per token: log-probs of a causal LM, and scalar heads (reward model, critic).
 
 A sequence-classification model's own forward pools at a position it infers from pad ids; we
 read the head at every position ourselves and pick the last attended token, which is right for
-left and right padding alike. The wrapper is one nn.Module so DDP sees a single forward.
+left and right padding alike. A causal LM runs its output head only on the positions whose
+log-probs are wanted. Each wrapper is one nn.Module so DDP sees a single forward.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedModel
 
-
-def hf_model(model: torch.nn.Module) -> PreTrainedModel:
-    """The transformers model inside a peft wrapper (LoRA layers stay injected in it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+from pipeline.models import hf_model, output_logits, plain_output_head, position_ids
+from stages import ops
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B,) index of the last attended position of each row, whatever the padding side."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (positions * attention_mask.long()).argmax(dim=1)
+
+
+class PolicyModel(torch.nn.Module):
+    """A causal LM read as the log-probs of given tokens: ``forward -> (B, L)``.
+
+    Position ``t`` of the output is ``log p(input_ids[:, t] | input_ids[:, :t])`` at the given
+    temperature, computed only where ``score_mask[:, t]`` is set (zeros elsewhere, and at
+    ``t = 0``). The output head, a (d x V) matmul that is most of a small model's work, runs
+    on those positions only: padding after EOS and the prompt cost it nothing. The last
+    position predicts nothing that is scored, so the trunk does not run on it.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.workspace = ops.Workspace()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                score_mask: torch.Tensor, temperature: float = 1.0,
+                entropy: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns ``(logp, entropy)``, both ``(B, L)`` float32; entropy is None for
+        ``entropy="none"``, has no graph for ``"detached"`` and one for ``"grad"``."""
+        if entropy not in ("none", "detached", "grad"):
+            raise ValueError(f"entropy must be none, detached or grad, got {entropy!r}")
+        inner = hf_model(self.model)
+        trunk = getattr(inner, inner.base_model_prefix)
+        context = attention_mask[:, :-1]
+        hidden = trunk(input_ids=input_ids[:, :-1], attention_mask=context,
+                       position_ids=position_ids(context)).last_hidden_state  # (B, L-1, d)
+        where = score_mask[:, 1:].bool()                                      # (B, L-1)
+        h = hidden[where]                                                     # (N, d)
+        targets = input_ids[:, 1:][where]                                     # (N,)
+        head = plain_output_head(inner)
+        if head is not None and entropy != "grad":
+            logp, ent = ops.logprobs_from_hidden(h, head.weight, head.bias, targets,
+                                                 temperature, self.workspace,
+                                                 with_entropy=entropy == "detached")
+        else:
+            logits = output_logits(inner, h)                                  # (N, V)
+            logp = ops.logprobs_from_logits(logits, targets, temperature)
+            ent = None
+            if entropy == "detached":
+                ent = ops.logprobs_and_entropy(logits.detach(), targets, temperature)[1]
+            elif entropy == "grad":
+                ent = ops.entropy_from_logits(logits, temperature)
+
+        def spread(values: torch.Tensor) -> torch.Tensor:                     # (N,) -> (B, L)
+            out = values.new_zeros(where.shape).masked_scatter(where, values)
+            return torch.nn.functional.pad(out, (1, 0))
+
+        return spread(logp), (spread(ent) if ent is not None else None)
 
 
 class ScoreModel(torch.nn.Module):
@@ -42,9 +91,8 @@ class ScoreModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         inner = hf_model(self.model)
         backbone = getattr(inner, inner.base_model_prefix)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids).last_hidden_state  # (B, T, d)
+                          position_ids=position_ids(attention_mask)).last_hidden_state  # (B, T, d)
         scores = inner.score(hidden).float()  # (B, T, num_labels)
         if self.extra is not None:
             scores = torch.cat([scores, self.extra(hidden).float()], dim=-1)

@@ -1,0 +1,83 @@
+"""The PPO update that starts from evaluation's forward equals one that runs it again."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from accelerate import Accelerator
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+from pipeline.config import PPOConfig
+from pipeline.training import build_scheduler
+from stages.ppo import (
+    FirstForward,
+    Rollout,
+    critic_values,
+    make_optimizer,
+    minibatch_orders,
+    ppo_update,
+    response_logprobs,
+)
+from stages.scoring import PolicyModel, ScoreModel
+
+torch.set_num_threads(1)
+
+
+def models():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=41, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
+                         num_labels=1)
+    return PolicyModel(LlamaForCausalLM(config)), ScoreModel(
+        LlamaForSequenceClassification(config))
+
+
+def rollout(b: int = 4, p: int = 3, t: int = 5) -> Rollout:
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(b, t)
+    mask[0, 3:] = 0  # one response ended early
+    rand = lambda: torch.randn(b, t, generator=g)  # noqa: E731
+    return Rollout(query=torch.randint(2, 41, (b, p), generator=g),
+                   query_mask=torch.ones(b, p, dtype=torch.long),
+                   response=torch.randint(2, 41, (b, t), generator=g), mask=mask,
+                   logprobs=rand() - 3, ref_logprobs=rand() - 3, values=rand(),
+                   cost_values=torch.zeros(b, t), scores=torch.randn(b, generator=g),
+                   costs=torch.zeros(b), advantages=rand(), returns=rand(),
+                   cost_returns=torch.zeros(b, t))
+
+
+@pytest.mark.parametrize("minibatches", [1, 2])
+def test_reusing_the_first_forward_changes_nothing(minibatches):
+    c = PPOConfig(ppo_epochs=2, num_minibatches=minibatches, lr=1e-2, critic_lr=1e-2)
+    data = rollout()
+    orders = minibatch_orders(4, c.ppo_epochs, seed=0)
+    results = []
+    base_policy, base_critic = models()
+    for reuse in (False, True):
+        policy, critic = copy.deepcopy(base_policy), copy.deepcopy(base_critic)
+        accelerator = Accelerator(cpu=True)
+        opts = [make_optimizer(m, lr, c) for m, lr in ((policy, c.lr), (critic, c.critic_lr))]
+        scheds = [build_scheduler(o, c.lr_scheduler, 4) for o in opts]
+        first = None
+        if reuse:
+            rows = orders[0][: 4 // minibatches]
+            args = (data.query[rows], data.query_mask[rows], data.response[rows],
+                    data.mask[rows])
+            first = FirstForward(response_logprobs(policy, *args, c.temperature)[0], None,
+                                 critic_values(critic, *args))
+        stats = ppo_update(c, data, orders, first, policy, critic, *opts, *scheds, accelerator,
+                           True, [], 0, pad_id=0)
+        results.append((policy, critic, stats))
+    (p0, c0, s0), (p1, c1, s1) = results
+    for a, b in [(p0, p1), (c0, c1)]:
+        for (name, x), y in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=name)
+    assert s0.keys() == s1.keys()
+    for k in s0:
+        assert s0[k] == pytest.approx(s1[k], rel=1e-4, abs=1e-6), k
+    # the update did move the weights
+    start = dict(base_policy.named_parameters())
+    assert any(not torch.equal(x, start[n]) for n, x in p0.named_parameters())
