@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny model, 1 rep, 1 timed update, short responses")
-    p.add_argument("--reps", type=int, default=None, help="repetitions per side [2; quick 1]")
+    p.add_argument("--reps", type=int, default=None, help="repetitions per side [3; quick 1]")
     p.add_argument("--updates", type=int, default=None,
                    help="timed updates per run, after 1 warm-up [3; quick 1]")
     p.add_argument("--sizes", default=None, help=f"comma list of {sorted(SIZES)} [5m,20m; quick tiny]")
@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trl-python", default=str(ROOT / ".venv-trl112" / "bin" / "python"))
     args = p.parse_args(argv)
     quick = args.quick
-    defaults = dict(reps=(1, 2), updates=(1, 3), sizes=("tiny", "5m,20m"), batch=(4, 16),
+    defaults = dict(reps=(1, 3), updates=(1, 3), sizes=("tiny", "5m,20m"), batch=(4, 16),
                     response_length=(8, 32), epochs=(1, 4))
     for key, (q, full) in defaults.items():
         if getattr(args, key) is None:
