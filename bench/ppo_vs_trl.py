@@ -313,20 +313,23 @@ def flops_figure(setup: dict, ours: dict, limits: dict, args) -> dict:
     """Achieved FLOP/s of our score and train phases vs the measured matmul peak.
 
     Counts the work PPO needs, not what an implementation happens to do: the trunk runs on
-    every position of the padded batch (batch * (longest prompt + response length)), the LM
-    head (the tied embedding matrix) only on the response positions whose log-probs are used;
-    critic and RM trunks on every position (their embedding is a lookup, their head a vector).
-    Train: 6 * FLOPs-per-token terms per pass, policy + critic, times PPO epochs. Score:
-    2 * the same for policy, reference, critic and RM. Attention score FLOPs are ignored.
+    every position of the padded batch but the last (batch * (longest prompt + response length
+    - 1): the state after the final token predicts and values nothing), the LM head (the tied
+    embedding matrix) only on the response positions whose log-probs are used; critic and RM
+    trunks on the same positions (their embedding is a lookup, their head a vector). Train:
+    6 * FLOPs-per-token terms per pass, policy + critic, times PPO epochs, less the forward of
+    epoch 1's first minibatch, which is the evaluation forward. Score: 2 * the same for policy,
+    reference, critic and RM. Attention score FLOPs are ignored.
     """
-    positions = args.batch * (setup["prompt_tokens"]["max"] + args.response_length)
+    positions = args.batch * (setup["prompt_tokens"]["max"] + args.response_length - 1)
     responses = args.batch * args.response_length
     n_trunk = setup["policy_params"] - setup["embedding_params"]
     n_head = setup["embedding_params"]
     n_critic = setup["reward_params"] - setup["embedding_params"]
     policy_pass = positions * n_trunk + responses * n_head
     critic_pass = positions * n_critic
-    train_flops = args.epochs * 6 * (policy_pass + critic_pass)
+    minibatches = 1  # what run_ours sets
+    train_flops = (args.epochs * 6 - 2 / minibatches) * (policy_pass + critic_pass)
     score_flops = 2 * (2 * policy_pass + 2 * critic_pass)
     tokens = positions
     n_policy = setup["policy_params"]
