@@ -373,6 +373,8 @@ def run(cfg: Config) -> Path:
         # The first minibatch of PPO epoch 1 sees unchanged weights, so its forward happens
         # here, with gradients, and the update starts from it instead of repeating it.
         train_policy = update >= c.critic_warmup_updates
+        policy.train()  # as in the update (gradient checkpointing acts in training mode only)
+        critic.train()
         b = len(responses)
         orders = [o.to(accelerator.device)
                   for o in minibatch_orders(b, c.ppo_epochs, seed=cfg.run.seed + update)]

@@ -230,13 +230,18 @@ def overoptimization_section(results: dict) -> str:
         ax.set_xlabel("KL(policy || SFT), nats per response")
         ax.set_ylabel("gold score")
         for p in points:
-            ax.annotate(str(p["update"]), (p["kl"], p["gold"]), fontsize=7)
+            ax.annotate(f"update {p['update']}", (p["kl"], p["gold"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        handles, labels = ax.get_legend_handles_labels()
         if all(p.get("rm") is not None for p in points):
             ax2 = ax.twinx()
             ax2.plot(kl, [p["rm"] for p in points], "s--", color="tab:blue", label="RM score")
             ax2.set_ylabel("reward model score (normalized)")
-            ax2.legend(loc="lower right", fontsize=8)
-        ax.legend(loc="upper left", fontsize=8)
+            more = ax2.get_legend_handles_labels()
+            handles, labels = handles + more[0], labels + more[1]
+        # Below the axes: inside, a legend can hide the very points the plot is about.
+        ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2,
+                  fontsize=8, frameon=False)
 
     rows = [[p.get("policy"), p["update"], p["kl"], p["gold"], p.get("rm")] for p in points]
     return (figure_img("overoptimization", draw, "Overoptimization: score vs KL to SFT")
