@@ -120,8 +120,8 @@ def decode_rows(repeats: int) -> list[dict]:
         with torch.no_grad():
             torch.testing.assert_close(head(h), (head.weight @ h.t()).t(), atol=1e-4,
                                        rtol=1e-4)
-            plain = timed(lambda: head(h), repeats)
-            ours = timed(lambda: (head.weight @ h.t()).t().contiguous(), repeats)
+            plain = timed(lambda head=head, h=h: head(h), repeats)
+            ours = timed(lambda head=head, h=h: (head.weight @ h.t()).t().contiguous(), repeats)
         rows.append({"op": f"decoding step's output head, 16 rows, hidden {width} -> 49152",
                      "plain": "nn.Linear: (16, d) @ (d, V)", "plain_ms": plain,
                      "ours": "models.output_logits: (V, d) @ (d, 16)", "ours_ms": ours})
