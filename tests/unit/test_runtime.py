@@ -1,0 +1,31 @@
+"""Process setup: threads and the allocator setting for CPU training."""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+import pytest
+import torch
+
+from pipeline.runtime import keep_freed_memory, set_threads
+
+
+def test_set_threads():
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(1) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_keep_freed_memory_applies_on_glibc():
+    try:
+        ctypes.CDLL("libc.so.6").gnu_get_libc_version
+    except (OSError, AttributeError):
+        pytest.skip("not glibc")
+    assert keep_freed_memory() is True
+    # allocation still works for tensors far above the default mmap threshold
+    big = torch.ones(64, 1 << 20)
+    assert float(big.sum()) == 64 * (1 << 20)
