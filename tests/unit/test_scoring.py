@@ -109,3 +109,9 @@ def test_greedy_generate_matches_hf_generate():
         if EOS in hf:
             hf = hf[: hf.index(EOS) + 1]
         assert response == hf
+
+
+def test_unknown_entropy_mode_is_refused():
+    ids, attention, scored = batch()
+    with pytest.raises(ValueError, match="entropy must be none, detached or grad, got 'full'"):
+        PolicyModel(llama())(ids, attention, scored, entropy="full")
