@@ -237,6 +237,23 @@ def _chunk_logsumexp(x: Tensor, inv_temperature: float,
     return lse, lse - mean_z
 
 
+def _logprob_grad(x: Tensor, lse: Tensor, inv_temperature: float, g: Tensor, y: Tensor,
+                  out: Tensor) -> Tensor:
+    """Write ``g * d logp / dx`` of ``logp = log softmax(x / T)[y]`` into ``out`` (N, V).
+
+    ``g`` is already scaled by 1/T. ``out`` may be ``x`` itself: the logits are then
+    overwritten with their own gradient, chunk by chunk.
+    """
+    for s in _row_chunks(*x.shape):
+        # d logp / dz = onehot - softmax(z), z = x / T
+        direct = out.dtype == torch.float32
+        p = torch.sub(x[s].float(), lse[s, None] / inv_temperature, out=out[s] if direct else None)
+        p.mul_(inv_temperature).exp_().mul_(-g[s, None])
+        if not direct:
+            out[s] = p
+    return out.scatter_add_(1, y, g[:, None].to(out.dtype))
+
+
 class _TokenLogprobs(torch.autograd.Function):
     """log softmax(logits / T)[label] with a hand-written, chunked backward.
 
@@ -264,15 +281,7 @@ class _TokenLogprobs(torch.autograd.Function):
         inv = ctx.inv
         x = logits.reshape(-1, logits.shape[-1])
         g = grad_out.reshape(-1).float() * inv                        # (N,) dL/dz at the label
-        grad = torch.empty_like(x)
-        for s in _row_chunks(*x.shape):
-            # d logp / dz = onehot - softmax(z), z = x / T; written in place where dtypes allow
-            out = grad[s] if grad.dtype == torch.float32 else None
-            p = torch.sub(x[s].float(), lse[s, None] / inv, out=out).mul_(inv).exp_()
-            p.mul_(-g[s, None])
-            if out is None:
-                grad[s] = p
-        grad.scatter_add_(1, y, g[:, None].to(grad.dtype))
+        grad = _logprob_grad(x, lse, inv, g, y, torch.empty_like(x))
         return grad.view(logits.shape), None, None
 
 
@@ -338,11 +347,7 @@ class _HiddenLogprobs(torch.autograd.Function):
         hidden, weight, bias, y, lse = ctx.saved_tensors
         grad, inv = ctx.logits, ctx.inv
         ctx.logits = None
-        g = grad_out.float() * inv                                      # (N,)
-        for s in _row_chunks(*grad.shape):
-            # d logp / dz = onehot - softmax(z), z = logits / T, in place over the logits
-            grad[s].sub_(lse[s, None] / inv).mul_(inv).exp_().mul_(-g[s, None])
-        grad.scatter_add_(1, y, g[:, None])
+        _logprob_grad(grad, lse, inv, grad_out.float() * inv, y, out=grad)  # in place
         grad_hidden = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_hidden = torch.mm(grad, weight.float()).to(hidden.dtype)      # (N, d)
