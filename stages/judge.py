@@ -20,6 +20,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from stages.headword import headword, mask_headword
+
 __all__ = [
     "AnnotatorPool",
     "AnnotatorSpec",
@@ -176,14 +178,23 @@ def _get_encoder(device: str) -> _Encoder:
 
 
 class MiniLMJudge:
-    """Cosine similarity in [-1, 1] between response and reference embeddings."""
+    """Cosine similarity in [-1, 1] between response and reference embeddings.
+
+    The headword (the quoted word of the prompt) and its inflections are removed from the
+    response before it is embedded. Unmasked, a definition that names its word scores about
+    0.11 higher against a reference that never does, so the judge would pay for the circular
+    definitions a person (and the `no_headword` rule) rejects. `mask_headword=False` gives the
+    raw similarity, for measuring that effect.
+    """
 
     name = "minilm"
 
-    def __init__(self, batch_size: int = 64, device: str = "cpu") -> None:
+    def __init__(self, batch_size: int = 64, device: str = "cpu",
+                 mask_headword: bool = True) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
+        self.mask_headword = mask_headword
         self._encoder = _get_encoder(device)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -193,6 +204,8 @@ class MiniLMJudge:
         _check_lengths(prompts, responses, references)
         if not responses:
             return []
+        if self.mask_headword:
+            responses = [mask_headword(r, headword(p, None)) for p, r in zip(prompts, responses)]
         # Groups of K responses share one reference, so embed every distinct text once.
         unique = list(dict.fromkeys([*responses, *references]))
         row = {text: i for i, text in enumerate(unique)}

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import functools
 import inspect
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from stages.headword import headword, headword_pattern
 from stages.judge import import_callable
 
 __all__ = [
@@ -29,9 +29,6 @@ __all__ = [
 
 RuleFn = Callable[[list[str], list[str], list[dict]], list[float]]
 
-# Straight and typographic double quotes: prompts are `Define the word "<word>" in one sentence.`
-_QUOTED = re.compile(r"[\"\u201c\u201d]([^\"\u201c\u201d]+)[\"\u201c\u201d]")
-
 
 def _check_lengths(prompts: Sequence[str], responses: Sequence[str], metas: Sequence[dict]) -> None:
     if not (len(prompts) == len(responses) == len(metas)):
@@ -39,30 +36,6 @@ def _check_lengths(prompts: Sequence[str], responses: Sequence[str], metas: Sequ
             "prompts, responses and metas must have the same length, got "
             f"{len(prompts)}, {len(responses)}, {len(metas)}"
         )
-
-
-def headword(prompt: str, meta: dict | None) -> str | None:
-    """The word being defined: meta["word"] if present, else the first quoted text in the prompt."""
-    if meta:
-        word = meta.get("word")
-        if isinstance(word, str) and word.strip():
-            return word.strip()
-    match = _QUOTED.search(prompt)
-    if match and match.group(1).strip():
-        return match.group(1).strip()
-    return None
-
-
-@functools.lru_cache(maxsize=4096)
-def _headword_pattern(word: str) -> re.Pattern[str]:
-    # The headword must start a word (no word character before it) but may continue into one,
-    # so inflections that keep the stem ("run" -> "running", "runs") count while words that
-    # merely contain it ("prune", "overrun") do not. Hyphen and apostrophe are word breaks, so
-    # "well-run" and "apple's" count. Stem-changing forms ("ran", "happily" for "happy") are not
-    # caught: that would need a lemmatizer and the false positives of a loose stemmer (e.g.
-    # "rat" in "rather" for "rate") are worse than the misses.
-    parts = [re.escape(p) for p in word.split()]
-    return re.compile(r"(?<!\w)" + r"[\s\-]+".join(parts), re.IGNORECASE)
 
 
 def no_headword(prompts: list[str], responses: list[str], metas: list[dict]) -> list[float]:
@@ -75,7 +48,7 @@ def no_headword(prompts: list[str], responses: list[str], metas: list[dict]) -> 
     out = []
     for prompt, response, meta in zip(prompts, responses, metas):
         word = headword(prompt, meta)
-        hit = word is not None and _headword_pattern(word).search(response) is not None
+        hit = word is not None and headword_pattern(word).search(response) is not None
         out.append(-1.0 if hit else 0.0)
     return out
 

@@ -219,3 +219,12 @@ def test_rank_edge_cases() -> None:
         AnnotatorSpec(0.1, 1.5)
     with pytest.raises(ValueError):
         AnnotatorPool([], seed=0)
+
+
+def test_judge_masks_the_headword(judge: Judge) -> None:
+    circular = "An apple is a round fruit with crisp flesh, like apples."
+    blanked = "An is a round fruit with crisp flesh, like ."
+    masked, plain = judge.score([PROMPT] * 2, [circular, blanked], [APPLE_REF] * 2)
+    assert masked == pytest.approx(plain, abs=1e-6)
+    raw = load_judge("minilm", mask_headword=False).score([PROMPT], [circular], [APPLE_REF])[0]
+    assert abs(raw - masked) > 1e-3  # the unmasked judge embeds the headword
