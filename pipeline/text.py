@@ -149,8 +149,9 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
     """Sample responses with a KV cache, stopping each at its first EOS.
 
     Returns each response's tokens up to and including its EOS (none if it hit
-    ``max_new_tokens``). The batch stops as soon as every row has finished, so a model that
-    emits EOS is not run to the length limit.
+    ``max_new_tokens``). A row that has finished leaves the batch (its KV cache rows are
+    dropped), so the remaining steps compute only the rows still sampling: responses are short
+    on average while the longest in a batch often runs to the limit.
     """
     was_training = model.training
     model.eval()
@@ -167,22 +168,27 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
         position = position_ids(mask)
         # The trunk, then the output head on the last position only (see output_logits).
         out = trunk(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
-        finished = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-        steps = []
-        for _ in range(max_new_tokens):
-            logits = output_logits(inner, out.last_hidden_state[:, -1])  # (B, V)
-            token = sample_next(logits, temperature, top_k, top_p)
-            token = token.masked_fill(finished, tok.pad_token_id)
-            steps.append(token)
-            finished |= torch.isin(token, stop_ids)
-            if finished.all() or len(steps) == max_new_tokens:
+        cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]  # (b, d)
+        tokens = torch.full((len(chunk), max_new_tokens), tok.pad_token_id, dtype=torch.long,
+                            device=device)                                  # (B, max_new)
+        rows = torch.arange(len(chunk), device=device)  # (b,) chunk row of each active row
+        for step in range(max_new_tokens):
+            token = sample_next(output_logits(inner, hidden), temperature, top_k, top_p)  # (b,)
+            tokens[rows, step] = token
+            going = ~torch.isin(token, stop_ids)
+            if step + 1 == max_new_tokens or not going.any():
                 break
-            mask = torch.cat([mask, mask.new_ones(len(chunk), 1)], dim=1)
+            if not going.all():
+                keep = going.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows, token, mask, position = rows[keep], token[keep], mask[keep], position[keep]
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             position = position[:, -1:] + 1
             out = trunk(input_ids=token[:, None], attention_mask=mask, position_ids=position,
-                        past_key_values=out.past_key_values, use_cache=True)
-        rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in chunk]
-        responses += [truncate_at_eos(row, set(stops), tok.pad_token_id) for row in rows]
+                        past_key_values=cache, use_cache=True)
+            cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
+        responses += [truncate_at_eos(row, set(stops), tok.pad_token_id)
+                      for row in tokens.tolist()]
     model.train(was_training)
     return responses
 

@@ -111,6 +111,25 @@ def test_greedy_generate_matches_hf_generate():
         assert response == hf
 
 
+def test_rows_that_finish_early_leave_the_batch_without_changing_the_others():
+    """Finished rows are dropped from the KV cache mid-generation: every row still gets
+    exactly the tokens HF's own generate gives it alone."""
+    model = llama()
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14], [15, 16, 17, 18], [19], [20, 21, 22]]
+    free = [model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False,
+                           pad_token_id=PAD)[0, len(p):].tolist() for p in prompts]
+    stop = free[0][1]  # a token that ends row 0 at its 2nd step, and others elsewhere or never
+
+    class Tok:
+        pad_token_id, eos_token_id = PAD, stop
+
+    model.generation_config.eos_token_id = stop
+    ours = generate(model, Tok(), prompts, max_new_tokens=8, temperature=0.0, batch_size=6)
+    expected = [row[: row.index(stop) + 1] if stop in row else row for row in free]
+    assert ours == expected
+    assert len({len(r) for r in ours}) > 1  # rows did finish at different steps
+
+
 def test_unknown_entropy_mode_is_refused():
     ids, attention, scored = batch()
     with pytest.raises(ValueError, match="entropy must be none, detached or grad, got 'full'"):
