@@ -1,5 +1,6 @@
 # One command per stage; every run target installs what it needs first.
 #   make pipeline                         the embedded default run (configs/default.yaml)
+#   make seeds                            the default run's chain after SFT for 3 seeds
 #   make sft CONFIG=configs/quick.yaml ARGS="sft.lr=1e-4 run.name=exp1"
 #   make ppo LAUNCH="accelerate launch --config_file configs/accelerate/cpu_2proc.yaml"
 
@@ -21,7 +22,7 @@ endif
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install sft label rm ppo eval report pipeline status test test-all lint data bench bench-setup clean
+.PHONY: install sft label rm ppo eval report pipeline seeds status test test-all lint data bench bench-setup clean
 
 install: $(STAMP)
 
@@ -38,6 +39,11 @@ $(STAMP): pyproject.toml
 
 sft label rm ppo eval report pipeline: install
 	PATH="$(abspath $(BIN)):$$PATH" $(RLHF) $@ --config $(CONFIG) $(ARGS)
+
+# The chain after SFT once per seed in run.seeds, one table: runs/<name>/seeds.{json,md}.
+#   make seeds ARGS="run.seeds=[0,1,2] run.seed_jobs=2"
+seeds: install
+	$(BIN)/rlhf seeds --config $(CONFIG) $(ARGS)
 
 status: install
 	$(BIN)/rlhf status $(or $(RUN),runs/default)

@@ -28,6 +28,8 @@ USAGE = f"""rlhf COMMAND [--config FILE.yaml] [key=value ...]
 commands:
   {' | '.join(STAGE_MODULES)}    run one stage
   pipeline             run the stages in order: {' -> '.join(PIPELINE_ORDER)}
+  seeds                SFT once, then label -> rm -> ppo -> eval -> report per seed in
+                       run.seeds (run.seed_jobs at a time); one table of the outcomes
   status RUN_DIR       lineage, status and metrics of each stage of a run
 
 examples:
@@ -38,7 +40,7 @@ examples:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhf", usage=USAGE, add_help=True)
-    p.add_argument("command", choices=[*STAGE_MODULES, "pipeline", "status"])
+    p.add_argument("command", choices=[*STAGE_MODULES, "pipeline", "seeds", "status"])
     p.add_argument("--config", "-c", default=None, help="YAML config file")
     p.add_argument("rest", nargs="*", help="key=value overrides (or RUN_DIR for status)")
     return p
@@ -93,6 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if args.command == "seeds":
+        from pipeline import seeds
+
+        try:
+            seeds.run(cfg, args.config, args.rest)
+        except (PipelineError, DataError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
     stages = PIPELINE_ORDER if args.command == "pipeline" else (args.command,)
     try:
         for name in stages:

@@ -1,0 +1,89 @@
+"""`rlhf seeds`: shared SFT, one chain per seed, skip what finished, one table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline import seeds
+from pipeline.config import ConfigError, load_config
+from pipeline.rundir import atomic_write_json
+
+
+def fake_stage_runner(calls: list):
+    """Stands in for the child process: records the call, writes what the stage would."""
+
+    def run_stage(stage, config_file, overrides, log):
+        opts = dict(o.split("=", 1) for o in overrides)
+        calls.append((stage, opts))
+        run_dir = Path(opts.get("run.root", "runs")) / opts["run.name"]
+        out = run_dir / stage
+        out.mkdir(parents=True, exist_ok=True)
+        seed = int(opts.get("run.seed", 0))
+        metrics = {}
+        if stage == "rm":
+            metrics = {"eval_accuracy_gold": 0.7 + seed / 100, "eval_accuracy": 0.68}
+        if stage == "eval":
+            pol = {name: {"gold": {"mean": g}, "length_mean": 10.0, "no_eos_frac": 0.0,
+                          **({"kl": {"mean": k}} if k is not None else {})}
+                   for name, g, k in (("sft", 0.40, None), ("ppo", 0.45 + seed / 100, 3.0),
+                                      ("bon", 0.42, 0.636))}
+            wins = {"ppo_vs_sft": {"mean": 0.6, "ci95": [0.55, 0.65]},
+                    "ppo_vs_bon": {"mean": 0.55, "ci95": [0.5, 0.6]}}
+            atomic_write_json(out / "results.json", {"policies": pol, "win_rates": wins,
+                                                     "num_prompts": 300})
+        if stage == "report":
+            (run_dir / "report.html").write_text("<html></html>")
+        else:
+            atomic_write_json(out / "manifest.json", {"status": "complete", "metrics": metrics})
+        return 60.0
+
+    return run_stage
+
+
+def test_seeds_share_sft_run_each_chain_and_write_one_table(tmp_path, monkeypatch) -> None:
+    calls: list = []
+    monkeypatch.setattr(seeds, "_run_stage", fake_stage_runner(calls))
+    overrides = [f"run.root={tmp_path}", "run.name=exp", "run.seeds=[3, 5]", "run.threads=1"]
+    cfg = load_config(None, overrides)
+    seeds.run(cfg, None, overrides, echo=lambda _: None)
+
+    assert [c[0] for c in calls].count("sft") == 1
+    sft_dir = str(tmp_path / "exp" / "sft")
+    for seed in (3, 5):
+        chain = [(s, o) for s, o in calls if o.get("run.seed") == str(seed)]
+        assert [s for s, _ in chain] == ["label", "rm", "ppo", "eval", "report"]
+        for _, opts in chain:
+            assert opts["run.name"] == f"exp-seed{seed}"
+            assert all(opts[k] == sft_dir for k in seeds.SFT_KEYS)
+            assert "run.seeds" not in opts  # the child runs one chain, not the sweep
+    rows = json.loads((tmp_path / "exp" / "seeds.json").read_text())
+    assert [r["seed"] for r in rows] == [3, 5]
+    assert rows[1]["gold_ppo"] == pytest.approx(0.50)
+    assert rows[1]["rm_gold_accuracy"] == pytest.approx(0.75)
+    assert rows[0]["kl_bon"] == pytest.approx(0.636) and rows[0]["minutes"] == 5.0
+    assert {"seed", "win_rate", "ci_low", "ci_high", "gold_sft", "gold_ppo", "kl",
+            "rm_gold_accuracy", "minutes"} <= set(rows[0])
+    table = (tmp_path / "exp" / "seeds.md").read_text()
+    assert table.count("\n") == 2 + 2 + 1 and "mean ± sd" in table
+
+    # Again: everything finished, so nothing reruns; the table comes back the same.
+    calls.clear()
+    seeds.run(cfg, None, overrides, echo=lambda _: None)
+    assert calls == []
+    assert json.loads((tmp_path / "exp" / "seeds.json").read_text()) == rows
+
+
+def test_a_failing_stage_is_one_error_naming_it(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(seeds.sys, "executable", "false")
+    with pytest.raises(seeds.PipelineError, match=r"seeds: stage sft failed \(exit code 1\)"):
+        seeds._run_stage("sft", None, [], tmp_path / "x.log")
+
+
+def test_seed_list_is_validated() -> None:
+    with pytest.raises(ConfigError, match=r"run.seeds=\[1, 1\]: expected distinct seeds"):
+        load_config(None, ["run.seeds=[1, 1]"])
+    with pytest.raises(ConfigError, match="run.seed_jobs=0: expected > 0"):
+        load_config(None, ["run.seed_jobs=0"])
