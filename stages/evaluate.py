@@ -41,7 +41,10 @@ from stages.rewards import length_bounds, no_headword, profanity_cost
 from stages.scoring import PolicyModel, ScoreModel
 
 LETTERS = ("A", "B", "C", "D")
-POLICIES = ("base", "sft", "ppo")
+POLICIES = ("base", "sft", "bon", "ppo")
+# Paired per prompt: each policy answered the same prompts with the same sampler seed.
+WIN_RATE_PAIRS = (("ppo", "sft"), ("sft", "base"), ("ppo", "base"), ("bon", "sft"),
+                  ("ppo", "bon"))
 # Which policy each one's KL is measured against (on its own samples).
 KL_REFERENCE = {"sft": "base", "ppo": "sft"}
 
@@ -174,6 +177,29 @@ def sample(model, tok, prompts: list[list[int]], cfg: Config, seed: int) -> Samp
     stops = eos_ids(tok, model)
     return Samples(tokens, [decode(tok, t) for t in tokens],
                    [bool(t) and t[-1] in stops for t in tokens])
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || base) = log n - (n - 1) / n, the analytic value for picking the best of
+    n samples by a score without ties (Stiennon et al. 2020, Gao et al. 2022)."""
+    return float(np.log(n) - (n - 1) / n)
+
+
+def best_of_n(model, tok, prompts: list[list[int]], cfg: Config, seed: int, first: Samples,
+              scorers: Scorers) -> Samples:
+    """Per prompt, the highest-RM-scored of ``eval.best_of_n`` samples from ``model``.
+
+    ``first`` is the policy's own evaluation sample (seed ``seed``), reused as candidate 0; the
+    others use seeds that no evaluated policy uses. Ties keep the earliest candidate.
+    """
+    candidates = [first] + [sample(model, tok, prompts, cfg, seed + 7919 * j)
+                            for j in range(1, cfg.eval.best_of_n)]
+    scores = np.array([scorers.rm(prompts, s.tokens) for s in candidates])  # (N, B)
+    best = scores.argmax(axis=0) if len(prompts) else np.zeros(0, dtype=int)
+    pick = [candidates[j] for j in best]
+    return Samples([s.tokens[i] for i, s in enumerate(pick)],
+                   [s.texts[i] for i, s in enumerate(pick)],
+                   [s.has_eos[i] for i, s in enumerate(pick)])
 
 
 @torch.no_grad()
@@ -375,8 +401,16 @@ def run(cfg: Config) -> Path:
     base_model, _ = load_policy(cfg.model, seed=cfg.run.seed)
     base_model.to(device)
     evaluate_policy("base", base_model)
-    evaluate_policy("sft", sft_model, base_model, "base")
+    sft_samples = evaluate_policy("sft", sft_model, base_model, "base")
     del base_model
+
+    # --- Best-of-N against the reward model (Gao et al.'s other optimizer) -------------------
+    if c.best_of_n > 1 and reward_model is not None:
+        chosen = best_of_n(sft_model, tok, prompts, cfg, seed, sft_samples, scorers)
+        columns = measure(chosen, mine, prompts, scorers)
+        columns["kl"] = [best_of_n_kl(c.best_of_n)] * len(shard)
+        columns["kl_reference"] = ["sft"] * len(shard)
+        per_policy["bon"] = gathered(rows_of(columns, shard))
 
     # --- PPO and its snapshots (overoptimization) ----------------------------------------------
     overopt_local: list[tuple[int, dict]] = []
@@ -399,13 +433,14 @@ def run(cfg: Config) -> Path:
 
     # --- Aggregate (main writes) -----------------------------------------------------------------
     results: dict = {"run": cfg.run.name, "num_prompts": len(examples),
+                     "best_of_n": c.best_of_n if "bon" in per_policy else None,
                      "temperature": c.temperature, "max_new_tokens": c.max_new_tokens,
                      "judge": c.judge, "bootstrap": c.bootstrap,
                      "reward_model": str(rm.path) if rm else None,
                      "policies": {}, "win_rates": {}}
     for name, rows in per_policy.items():
         results["policies"][name] = policy_row(rows, c, cfg.run.seed)
-    for a, b in (("ppo", "sft"), ("sft", "base"), ("ppo", "base")):
+    for a, b in WIN_RATE_PAIRS:
         if a in per_policy and b in per_policy:
             wins = win_outcomes([r["gold"] for r in per_policy[a]],
                                 [r["gold"] for r in per_policy[b]])

@@ -280,6 +280,9 @@ def results_section(results: dict) -> str:
     rows = []
     for name, r in policies.items():
         kl = r.get("kl")
+        if name == "bon":
+            # Its KL is the analytic log N - (N-1)/N, not an estimate from samples.
+            name = f"best-of-{results.get('best_of_n')} (SFT samples, by RM; analytic KL)"
         rows.append([name, ci(r["gold"]), ci(r.get("rm")),
                      f"{ci(kl)} vs {kl['reference']}" if kl else "—",
                      r["length_mean"], r["no_eos_frac"], r["headword_violation_frac"],
