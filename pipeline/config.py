@@ -318,6 +318,9 @@ class EvalConfig:
     max_new_tokens: int = 48
     batch_size: int = 16
     judge: str = "minilm"
+    # Best-of-N baseline: per prompt, the SFT sample the reward model scores highest out of N
+    # (needs a reward model); 0 or 1 = off.
+    best_of_n: int = 4
     # Bootstrap resamples for confidence intervals.
     bootstrap: int = 1000
     calibration_bins: int = 10
@@ -336,6 +339,11 @@ class RunConfig:
     overwrite: bool = False
     # torch intra-op threads per process; 0 = the machine's cores / local processes.
     threads: int = 0
+    # `rlhf seeds`: the seeds whose label -> rm -> ppo -> eval chains run (SFT is shared).
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # `rlhf seeds`: chains run at the same time; each gets run.threads threads, or, with
+    # run.threads=0, the machine's cores divided among them.
+    seed_jobs: int = 1
     # "auto" (GPU when present), or "cpu".
     device: str = "auto"
 
@@ -402,6 +410,7 @@ _POSITIVE = (
     "ppo.response_length", "ppo.lr", "ppo.critic_lr", "ppo.adam_eps", "ppo.kl_target",
     "ppo.kl_horizon", "ppo.reward_clip", "ppo.log_every", "ppo.lora.r", "ppo.lora.alpha",
     "ppo.ptx_batch_size", "eval.max_new_tokens", "eval.batch_size", "eval.calibration_bins",
+    "run.seed_jobs",
 )
 _NON_NEGATIVE = (
     "sft.weight_decay", "sft.max_grad_norm", "sft.eval_size", "sft.eval_every", "sft.num_samples",
@@ -413,6 +422,7 @@ _NON_NEGATIVE = (
     "ppo.max_grad_norm", "ppo.critic_warmup_updates", "ppo.ptx_coef", "ppo.lambda_init",
     "ppo.lambda_lr", "ppo.lambda_max", "ppo.forward_batch_size", "ppo.sample_every",
     "ppo.save_every", "ppo.snapshot_every", "ppo.top_k", "eval.temperature", "eval.bootstrap",
+    "eval.best_of_n",
 )
 
 
@@ -468,6 +478,10 @@ def validate(cfg: Config) -> list[str]:
             f"model.scratch.hidden_size={s.hidden_size}: must be a multiple of "
             f"model.scratch.num_heads={s.num_heads}"
         )
+    if not cfg.run.seeds:
+        problems.append("run.seeds=[]: expected at least one seed")
+    elif len(set(cfg.run.seeds)) != len(cfg.run.seeds):
+        problems.append(f"run.seeds={cfg.run.seeds}: expected distinct seeds")
     for key in ("sft.warmup_ratio", "rm.warmup_ratio"):
         if not 0 <= _get(cfg, key) < 1:
             problems.append(f"{key}={_get(cfg, key)}: expected in [0, 1)")
