@@ -24,7 +24,7 @@ def fake_stage_runner(calls: list):
         seed = int(opts.get("run.seed", 0))
         metrics = {}
         if stage == "rm":
-            metrics = {"eval_accuracy_gold": 0.7 + seed / 100, "eval_accuracy": 0.68}
+            metrics = {"eval_accuracy_gold_after": 0.7 + seed / 100, "eval_accuracy_after": 0.68}
         if stage == "eval":
             pol = {name: {"gold": {"mean": g}, "length_mean": 10.0, "no_eos_frac": 0.0,
                           **({"kl": {"mean": k}} if k is not None else {})}
