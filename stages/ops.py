@@ -21,6 +21,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from torch import Tensor
 
 __all__ = [
     "AdaptiveKLController",
+    "Advantages",
     "FixedKLController",
     "LagrangeMultiplier",
     "Workspace",
@@ -50,6 +52,7 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "policy_loss",
+    "ppo_advantages",
     "response_mask_after_eos",
     "value_loss",
 ]
@@ -232,8 +235,11 @@ def _chunk_logsumexp(x: Tensor, inv_temperature: float,
     lse = total.log() + m.squeeze(-1) * inv_temperature
     if not with_entropy:
         return lse, None
-    # H = logsumexp(z) - E_p[z]: no log of underflowed probabilities.
-    mean_z = (e * x).sum(dim=-1) / total * inv_temperature
+    # H = logsumexp(z) - E_p[z]: no log of underflowed probabilities. A -inf logit (a masked
+    # token) has p = 0 and adds 0 to E_p[z]; the product 0 * -inf is nan, so it is zeroed. A
+    # nan or +inf logit already makes lse nan, so this hides nothing.
+    weighted = (e * x).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+    mean_z = weighted.sum(dim=-1) / total * inv_temperature
     return lse, lse - mean_z
 
 
@@ -425,9 +431,12 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     z = logits.float()
     if temperature != 1.0:
         z = z / temperature
-    # H = logsumexp(z) - E_p[z]; avoids log(p) of underflowed probabilities.
+    # H = logsumexp(z) - E_p[z]; avoids log(p) of underflowed probabilities. A -inf logit has
+    # p = 0: it is replaced by 0 inside the product (before it, so that neither the value nor
+    # the gradient meets 0 * -inf).
     p = torch.softmax(z, dim=-1)
-    return torch.logsumexp(z, dim=-1) - (p * z).sum(dim=-1)
+    finite_z = torch.where(torch.isneginf(z), torch.zeros_like(z), z)
+    return torch.logsumexp(z, dim=-1) - (p * finite_z).sum(dim=-1)
 
 
 def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k1") -> Tensor:
@@ -619,6 +628,76 @@ def lagrangian_advantages(reward_adv: Tensor, cost_adv: Tensor, lam: float) -> T
     size) roughly constant as lambda grows.
     """
     return (reward_adv - lam * cost_adv) / (1.0 + lam)
+
+
+@dataclass
+class Advantages:
+    """What the PPO update trains on, from one batch of scored rollouts."""
+
+    advantages: Tensor    # (B, T) policy advantages (combined with the cost, whitened)
+    returns: Tensor       # (B, T) value targets of the reward critic
+    cost_returns: Tensor  # (B, T) value targets of the cost critic (zeros without costs)
+    kl: Tensor            # (B, T) per-token KL estimate, 0 past the response
+    sequence_kl: Tensor   # (B,) KL of each response: the per-token KL summed over its tokens
+
+
+def ppo_advantages(
+    scores: Tensor,
+    logp: Tensor,
+    ref_logp: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    *,
+    beta: float,
+    kl_kind: str = "k1",
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten_rewards: bool = False,
+    whiten_advantages: bool = True,
+    costs: Tensor | None = None,
+    cost_values: Tensor | None = None,
+    multiplier: float = 0.0,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Advantages:
+    """KL-shaped rewards, GAE and whitening: the step between scoring a batch and training on it.
+
+    Args:
+        scores: ``(B,)`` sequence scores (normalized reward, rules, penalties).
+        logp, ref_logp: ``(B, T)`` policy and reference log-probs of the sampled tokens.
+        values: ``(B, T)`` reward critic's values.
+        mask: ``(B, T)`` response mask (1 up to and including the first EOS).
+        beta: KL coefficient.
+        whiten_rewards: rescale the per-token rewards (mean kept) before GAE.
+        whiten_advantages: normalize the final advantages over all valid tokens.
+        costs, cost_values: ``(B,)`` constrained costs and ``(B, T)`` cost critic values
+            (PPO-Lagrangian); None for plain PPO.
+        multiplier: the Lagrange multiplier lambda.
+        all_reduce: sums whitening moments across processes (see :func:`masked_whiten`).
+
+    With costs, as in Safe RLHF's PPO-Lagrangian, the KL penalty enters both streams: the
+    reward stream gets ``-beta * KL`` and the cost stream ``+beta * KL``, so the combined
+    advantage ``(A_r - lambda * A_c) / (1 + lambda)`` is the advantage of
+    ``(score - lambda * cost) / (1 + lambda) - beta * KL``: the leash keeps its weight beta
+    whatever lambda is, instead of shrinking to ``beta / (1 + lambda)``. Returns (value
+    targets) are ``A + V`` from GAE, before any whitening.
+    """
+    rewards, kl = kl_shaped_rewards(scores, logp, ref_logp, mask, beta, kl_kind)
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce)
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    cost_returns = torch.zeros_like(returns)
+    if costs is not None:
+        if cost_values is None:
+            raise ValueError("ppo_advantages: costs given without cost_values")
+        cost_rewards, _ = kl_shaped_rewards(costs, logp, ref_logp, mask, -beta, kl_kind)
+        if whiten_rewards:
+            cost_rewards = masked_whiten(cost_rewards, mask, shift_mean=False,
+                                         all_reduce=all_reduce)
+        cost_advantages, cost_returns = gae(cost_rewards, cost_values, mask, gamma, lam)
+        advantages = lagrangian_advantages(advantages, cost_advantages, multiplier)
+    if whiten_advantages:
+        advantages = masked_whiten(advantages, mask, all_reduce=all_reduce)
+    return Advantages(advantages, returns, cost_returns, kl, masked_sum(kl, mask, dim=1))
 
 
 # --------------------------------------------------------------------- reward model

@@ -37,6 +37,7 @@ from stages.ops import (  # noqa: E402
     masked_var,
     masked_whiten,
     policy_loss,
+    ppo_advantages,
     response_mask_after_eos,
     value_loss,
 )
@@ -240,6 +241,26 @@ def test_entropy() -> None:
     close(entropy_from_logits(z, temperature=1.5), (-(p * p.log()).sum(-1)).tolist())
 
 
+def test_entropy_with_masked_tokens_is_finite() -> None:
+    # A -inf logit has probability 0 and contributes nothing: [0, ln 3, -inf] is the
+    # [1/4, 3/4] case above, whatever path computes it.
+    inf = float("inf")
+    logits = torch.tensor([[0.0, math.log(3.0), -inf], [2.0, -inf, -inf]])
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    z = logits.clone().requires_grad_(True)
+    entropy = entropy_from_logits(z)
+    close(entropy, [h, 0.0])
+    entropy.sum().backward()
+    assert torch.isfinite(z.grad).all()
+    close(logprobs_and_entropy(logits, torch.tensor([1, 0]))[1], [h, 0.0])
+    # The fused head: a -inf bias masks the last token of the vocabulary.
+    hidden = torch.tensor([[0.0, math.log(3.0), 0.0], [2.0, 2.0, 0.0]])
+    bias = torch.tensor([0.0, 0.0, -inf])
+    _, fused = logprobs_from_hidden(hidden, torch.eye(3), bias, torch.tensor([1, 0]),
+                                    with_entropy=True)
+    close(fused, [h, math.log(2.0)])
+
+
 def test_kl_estimators_by_hand() -> None:
     # row 0: pi = 0.5, ref = 0.25; row 1: pi = 0.25, ref = 0.5
     logp = torch.tensor([math.log(0.5), math.log(0.25)])
@@ -398,6 +419,76 @@ def test_lagrangian_advantages() -> None:
     close(lagrangian_advantages(r, c, 1.0), [0.25, 1.5])
     close(lagrangian_advantages(r, c, 0.0), [1.0, 2.0])
     close(lagrangian_advantages(r, c, 3.0), [(1 - 1.5) / 4, (2 + 3) / 4])  # [-0.125, 1.25]
+
+
+# Two responses of 3 and 2 tokens (row 1's last column is padding, filled with garbage that
+# must not leak into anything).
+ADV_SCORES = torch.tensor([1.0, -2.0])
+ADV_LOGP = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.5, -9.0]])
+ADV_REF = torch.tensor([[-1.5, -2.0, -0.3], [-1.0, -1.0, 7.0]])
+ADV_VALUES = torch.tensor([[0.5, 0.2, 0.8], [0.1, -1.0, 5.0]])
+ADV_MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+# By hand, beta = 0.1, gamma = 1, lam = 0.5:
+#   kl = logp - ref: [0.5, 0, -0.2], [-0.5, 0.5, (pad)]
+#   rewards = -0.1 kl, score at the last token: [-0.05, 0, 1.02], [0.05, -2.05, 0]
+#   row 0: d2 = 1.02 - 0.8 = 0.22, A2 = 0.22; d1 = 0.8 - 0.2 = 0.6, A1 = 0.6 + 0.11 = 0.71;
+#          d0 = -0.05 + 0.2 - 0.5 = -0.35, A0 = -0.35 + 0.355 = 0.005
+#   row 1: d1 = -2.05 + 1.0 = -1.05, A1 = -1.05; d0 = 0.05 - 1.0 - 0.1 = -1.05,
+#          A0 = -1.05 - 0.525 = -1.575
+ADV_A = [[0.005, 0.71, 0.22], [-1.575, -1.05, 0.0]]
+ADV_RETURNS = [[0.505, 0.91, 1.02], [-1.475, -2.05, 0.0]]  # A + V, before whitening
+
+
+def test_ppo_advantages_by_hand() -> None:
+    out = ppo_advantages(ADV_SCORES, ADV_LOGP, ADV_REF, ADV_VALUES, ADV_MASK, beta=0.1, lam=0.5,
+                         whiten_advantages=False)
+    close(out.kl, [[0.5, 0.0, -0.2], [-0.5, 0.5, 0.0]])
+    close(out.sequence_kl, [0.3, 0.0])  # summed over each response's tokens, not averaged
+    close(out.advantages, ADV_A)
+    close(out.returns, ADV_RETURNS)
+    close(out.cost_returns, [[0.0] * 3] * 2)
+
+
+def test_ppo_advantages_whitened_over_valid_tokens_returns_unwhitened() -> None:
+    out = ppo_advantages(ADV_SCORES, ADV_LOGP, ADV_REF, ADV_VALUES, ADV_MASK, beta=0.1, lam=0.5)
+    valid = torch.tensor([0.005, 0.71, 0.22, -1.575, -1.05], dtype=torch.float64)
+    mean, std = valid.mean().item(), valid.std().item()  # -0.338, 0.94398 (n - 1)
+    expected = [[(a - mean) / std for a in ADV_A[0]],
+                [(a - mean) / std for a in ADV_A[1][:2]] + [0.0]]
+    close(out.advantages, expected, atol=1e-4)
+    close(out.returns, ADV_RETURNS)
+
+
+def test_ppo_advantages_lagrangian_by_hand() -> None:
+    costs = torch.tensor([0.5, 0.0])
+    cost_values = torch.tensor([[0.1, 0.1, 0.1], [0.2, 0.0, 9.0]])
+    out = ppo_advantages(ADV_SCORES, ADV_LOGP, ADV_REF, ADV_VALUES, ADV_MASK, beta=0.1, lam=0.5,
+                         whiten_advantages=False, costs=costs, cost_values=cost_values,
+                         multiplier=3.0)
+    # cost stream = +0.1 kl, cost at the last token: [0.05, 0, 0.48], [-0.05, 0.05, 0]
+    #   row 0: d2 = 0.48 - 0.1 = 0.38, C2 = 0.38; d1 = 0, C1 = 0.19; d0 = 0.05, C0 = 0.145
+    #   row 1: d1 = 0.05, C1 = 0.05; d0 = -0.05 + 0 - 0.2 = -0.25, C0 = -0.225
+    close(out.cost_returns, [[0.245, 0.29, 0.48], [-0.025, 0.05, 0.0]])
+    # (A - 3 C) / 4
+    close(out.advantages, [[(0.005 - 0.435) / 4, (0.71 - 0.57) / 4, (0.22 - 1.14) / 4],
+                           [(-1.575 + 0.675) / 4, (-1.05 - 0.15) / 4, 0.0]])
+    close(out.returns, ADV_RETURNS)  # the reward critic's targets do not see the cost
+
+
+@pytest.mark.parametrize("multiplier", [0.5, 5.0])
+def test_lagrangian_kl_weight_does_not_shrink_with_lambda(multiplier: float) -> None:
+    # GAE is linear: the combined advantage is the advantage of the reward
+    # (score - lambda cost) / (1 + lambda) - beta kl, with the KL at full weight beta.
+    costs = torch.tensor([0.5, 0.25])
+    cost_values = torch.tensor([[0.1, 0.1, 0.1], [0.2, 0.0, 9.0]])
+    out = ppo_advantages(ADV_SCORES, ADV_LOGP, ADV_REF, ADV_VALUES, ADV_MASK, beta=0.1, lam=0.5,
+                         whiten_advantages=False, costs=costs, cost_values=cost_values,
+                         multiplier=multiplier)
+    mixed_score = (ADV_SCORES - multiplier * costs) / (1 + multiplier)
+    rewards, _ = kl_shaped_rewards(mixed_score, ADV_LOGP, ADV_REF, ADV_MASK, 0.1)
+    values = (ADV_VALUES - multiplier * cost_values) / (1 + multiplier)
+    expected, _ = gae(rewards, values, ADV_MASK, 1.0, 0.5)
+    close(out.advantages, expected.tolist())
 
 
 # --------------------------------------------------------------------- reward model
