@@ -244,6 +244,8 @@ class PPOConfig:
     num_prompts: int | None = None
     # Sampling: the same temperature divides the logits when scoring (item 6).
     temperature: float = 0.7
+    # Must stay 0 and 1.0: log-probs are scored on the full distribution, so a truncated
+    # sampler would make the PPO ratio and the KL compare different distributions.
     top_k: int = 0
     top_p: float = 1.0
     response_length: int = 48
@@ -288,7 +290,10 @@ class PPOConfig:
     lambda_init: float = 1.0
     lambda_lr: float = 0.1
     lambda_max: float = 5.0
-    cost_threshold: float = 0.0
+    # Constraint: mean episode cost (weighted sum of the cost terms) <= cost_threshold. 0.1
+    # suits the [0, 1] profanity probability: clean WordNet definitions average 0.06, while
+    # a threshold of 0 could never be met and would drive lambda to lambda_max.
+    cost_threshold: float = 0.1
     # Gold judge scored on every rollout for the curves ("" = off); never used as reward.
     gold_judge: str = "minilm"
     # Forward-pass batch for scoring (reference, reward, values); 0 = whole rollout.
@@ -498,6 +503,12 @@ def validate(cfg: Config) -> list[str]:
         problems.append(f"label.k={cfg.label.k}: expected >= 2 (a ranking needs two responses)")
     if cfg.ppo.temperature <= 0:
         problems.append(f"ppo.temperature={cfg.ppo.temperature}: expected > 0 (PPO samples)")
+    if cfg.ppo.top_k > 0:
+        problems.append(f"ppo.top_k={cfg.ppo.top_k}: PPO scores log-probs on the full "
+                        "distribution, so sampling must not truncate it; expected 0")
+    if 0 < cfg.ppo.top_p < 1:
+        problems.append(f"ppo.top_p={cfg.ppo.top_p}: PPO scores log-probs on the full "
+                        "distribution, so sampling must not truncate it; expected 1.0")
     if cfg.ppo.batch_size % cfg.ppo.num_minibatches:
         problems.append(f"ppo.num_minibatches={cfg.ppo.num_minibatches}: must divide "
                         f"ppo.batch_size={cfg.ppo.batch_size}")

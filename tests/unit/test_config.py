@@ -161,6 +161,19 @@ def test_bad_values(override, fragment):
         load_config(None, [override])
 
 
+def test_ppo_refuses_truncated_sampling_naming_each_key(capsys):
+    # Scoring reads the full distribution: a top-k / top-p sampler would make the PPO ratio
+    # and the KL compare two different distributions.
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["ppo.top_k=50", "ppo.top_p=0.9"])
+    assert len(exc.value.problems) == 2
+    assert "ppo.top_k=50" in exc.value.problems[0] and "expected 0" in exc.value.problems[0]
+    assert "ppo.top_p=0.9" in exc.value.problems[1] and "expected 1.0" in exc.value.problems[1]
+    assert main(["ppo", "ppo.top_k=5"]) == 2
+    assert "ppo.top_k=5" in capsys.readouterr().err
+    load_config(None, ["ppo.top_k=0", "ppo.top_p=1.0", "label.top_p=0.9"])
+
+
 def test_lora_on_scratch_contradicts():
     with pytest.raises(ConfigError, match="model.lora.enabled"):
         load_config(None, ["model.init=scratch", "model.lora.enabled=true"])
