@@ -191,17 +191,27 @@ def _finish(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> PreTrainedM
     return model
 
 
+def _is_dropout_rate(name: str, value: object) -> bool:
+    return (isinstance(value, float) and not isinstance(value, bool)
+            and ("dropout" in name or name.endswith(("pdrop", "layerdrop"))))
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout of ``model`` set to 0: the dropout layers, the rates modules copied from
+    the config when they were built (Llama's attention keeps ``attention_dropout`` as a float
+    and passes it to the attention kernel, so zeroing the config afterwards does nothing), and
+    the config itself, for anything built from it later."""
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if _is_dropout_rate(name, value):
+                setattr(module, name, 0.0)
     config = getattr(model, "config", None)
     if config is not None:
-        for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop",
-                    "embd_pdrop", "attn_pdrop", "hidden_dropout_prob",
-                    "attention_probs_dropout_prob"):
-            if isinstance(getattr(config, key, None), float):
-                setattr(config, key, 0.0)
+        for name, value in list(vars(config).items()):
+            if _is_dropout_rate(name, value):
+                setattr(config, name, 0.0)
 
 
 def build_scratch(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
@@ -317,14 +327,28 @@ def plain_output_head(model: PreTrainedModel) -> torch.nn.Linear | None:
 
 def output_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """A causal LM's logits for final hidden states ``(N, d) -> (N, V)``, as its forward
-    computes them (the head, then the scaling or soft-capping some architectures add)."""
+    computes them (the head, then the scaling or soft-capping some architectures add).
+
+    Always float32, autocast or not: the fused log-prob op that scores responses computes
+    the head in float32, and the sampler must draw from the distribution that is scored.
+    """
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _output_logits(model, hidden.float())
+
+
+def _output_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     head = plain_output_head(model)
     if head is not None and hidden.dim() == 2 and hidden.shape[0] <= 64 and head.bias is None:
         # A few rows against a 50k x d matrix: MKL's (V, d) @ (d, N) runs 1.3-1.5x faster on
         # CPU than the (N, d) @ (d, V) a Linear layer issues (the case of every decoding step).
-        return (head.weight @ hidden.t()).t().contiguous()
+        return (head.weight.float() @ hidden.t()).t().contiguous()
     config = model.config
-    logits = model.get_output_embeddings()(hidden)
+    head = model.get_output_embeddings()
+    if type(head) is torch.nn.Linear:
+        logits = torch.nn.functional.linear(
+            hidden, head.weight.float(), None if head.bias is None else head.bias.float())
+    else:
+        logits = head(hidden.to(next(head.parameters()).dtype)).float()
     if getattr(config, "logit_scale", None):          # Cohere
         logits = logits * config.logit_scale
     if getattr(config, "logits_scaling", None):       # Granite

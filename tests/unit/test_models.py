@@ -6,12 +6,14 @@ import copy
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.config import LoraConfig, ModelConfig, ScratchConfig
 from pipeline.errors import PipelineError
 from pipeline.models import (
     apply_lora,
     build_scratch,
+    disable_dropout,
     load_policy,
     load_tokenizer,
     merged,
@@ -111,14 +113,26 @@ def test_build_scratch_leaves_global_rng_alone(tok, cfg):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_dropout_disabled(tok, cfg):
-    model = build_scratch(cfg, tok, seed=0)
-    assert model.config.attention_dropout == 0.0
-    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
-    model.train()
-    ids = torch.tensor([[1, 2, 3, 4]])
+def test_dropout_disabled():
+    """Llama's attention copies attention_dropout when built: zeroing the config is not enough."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=41, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.3)
+    model = LlamaForCausalLM(config).train()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
     with torch.no_grad():
+        assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout is on
+        disable_dropout(model)
         assert torch.equal(model(ids).logits, model(ids).logits)
+    assert model.config.attention_dropout == 0.0
+    assert all(layer.self_attn.attention_dropout == 0.0 for layer in model.model.layers)
+
+
+def test_dropout_layers_of_every_kind_disabled():
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Dropout1d(0.5),
+                                torch.nn.AlphaDropout(0.5), torch.nn.MultiheadAttention(4, 2, 0.5))
+    disable_dropout(model)
+    assert [model[0].p, model[1].p, model[2].p, model[3].dropout] == [0.0] * 4
 
 
 def test_apply_lora_trains_only_adapters(tok, cfg):
