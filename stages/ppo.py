@@ -92,6 +92,18 @@ class Rollout:
 # --------------------------------------------------------------------------------------------
 
 
+def rollout_tensors(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                    stops: list[int]):
+    """The padded tensors of one rollout batch: ``(query, query_mask, response, mask, has_eos,
+    lengths)``. Prompts are left-padded so every response starts at the same column;
+    responses are right-padded and masked after their first EOS (a response without one keeps
+    all its tokens)."""
+    query, query_mask = left_pad_prompts(prompts, pad_id)            # (B, P)
+    response = pad_sequences(responses, pad_id, side="right")        # (B, T)
+    mask, has_eos, lengths = ops.response_mask_after_eos(response, stops)
+    return query, query_mask, response, mask, has_eos, lengths
+
+
 def _inputs(query, query_mask, response, mask):
     ids = torch.cat([query, response], dim=1)                 # (B, P+T)
     attention = torch.cat([query_mask, mask.long()], dim=1)   # (B, P+T)
@@ -146,7 +158,8 @@ class FirstForward:
 
 
 class RewardFunction:
-    """The composite score of a response: weighted learned reward, rules and costs."""
+    """The composite score of a response: weighted learned reward, rules and costs, and the
+    penalty for a response that never emitted EOS."""
 
     def __init__(self, cfg: PPOConfig, reward_model, norm: dict):
         self.cfg = cfg
@@ -160,8 +173,13 @@ class RewardFunction:
             self.terms.append((comp.type, label, comp.weight, fn))
 
     @torch.no_grad()
-    def __call__(self, rollout_ids, attention, prompts, responses, metas):
-        """(score (B,), cost (B,), {component: (B,)} raw values for logging)."""
+    def __call__(self, rollout_ids, attention, prompts, responses, metas, has_eos):
+        """(score (B,), cost (B,), {component: (B,)} raw values for logging).
+
+        The learned reward is ``(raw + norm_bias) * norm_scale`` clipped to
+        ``[-reward_clip, reward_clip]``; costs are subtracted from the score, or summed into
+        ``cost`` for the constraint when ``ppo.lagrangian`` is on.
+        """
         b = len(responses)
         score = torch.zeros(b)
         cost = torch.zeros(b)
@@ -181,6 +199,7 @@ class RewardFunction:
                 score -= weight * value
             else:
                 score += weight * value
+        score = score - self.cfg.missing_eos_penalty * (~has_eos.cpu()).float()
         return score, cost, parts
 
 
@@ -343,13 +362,16 @@ def run(cfg: Config) -> Path:
                  for i in range(c.batch_size)]
         cursor += c.batch_size * world
         batch_prompts: list[PromptExample] = [prompts[i] for i in index]
-        responses = generate(unwrapped_policy.model, tok, [encoded[i] for i in index],
-                             max_new_tokens=c.response_length, temperature=c.temperature,
-                             top_k=c.top_k, top_p=c.top_p, batch_size=c.batch_size)
-        query, query_mask = left_pad_prompts([encoded[i] for i in index], tok.pad_token_id)
-        # Right-padded; every response has >= 1 token, and one without EOS has the full length.
-        response = pad_sequences(responses, tok.pad_token_id, side="right")
-        mask, has_eos, lengths = ops.response_mask_after_eos(response, stops)
+        # Every forward of the update (sampler, policy, reference, critic, reward) runs under
+        # the same autocast as the prepared policy: a bf16 policy against an fp32 reference or
+        # sampler has a KL that is not 0 at the start, and can be negative.
+        with accelerator.autocast():
+            responses = generate(unwrapped_policy.model, tok, [encoded[i] for i in index],
+                                 max_new_tokens=c.response_length, temperature=c.temperature,
+                                 top_k=c.top_k, top_p=c.top_p, batch_size=c.batch_size)
+        # Every response has >= 1 token, and one without EOS has the full length.
+        query, query_mask, response, mask, has_eos, lengths = rollout_tensors(
+            [encoded[i] for i in index], responses, tok.pad_token_id, stops)
         query, query_mask = query.to(accelerator.device), query_mask.to(accelerator.device)
         response, mask = response.to(accelerator.device), mask.to(accelerator.device)
         t_generate = time.time() - t0
@@ -359,11 +381,11 @@ def run(cfg: Config) -> Path:
         texts = [decode(tok, r) for r in responses]
         metas = [{"word": p.word, "reference": p.reference} for p in batch_prompts]
         ids, attention = _inputs(query, query_mask, response, mask)
-        scores, costs, parts = reward_fn(ids, attention, [p.prompt for p in batch_prompts],
-                                         texts, metas)
+        with accelerator.autocast():
+            scores, costs, parts = reward_fn(ids, attention, [p.prompt for p in batch_prompts],
+                                             texts, metas, has_eos)
         scores = scores.to(accelerator.device)
         costs = costs.to(accelerator.device)
-        scores = scores - c.missing_eos_penalty * (~has_eos).float().to(accelerator.device)
         gold = None
         if judge is not None:
             gold = torch.tensor(judge.score([p.prompt for p in batch_prompts], texts,
@@ -387,13 +409,13 @@ def run(cfg: Config) -> Path:
                                                 c.forward_batch_size)):
             args = (query[rows], query_mask[rows], response[rows], mask[rows])
             reuse = i == 0
-            with torch.set_grad_enabled(reuse and train_policy):
+            with torch.set_grad_enabled(reuse and train_policy), accelerator.autocast():
                 logp, ent = response_logprobs(
                     policy if reuse else unwrapped_policy, *args, c.temperature,
                     entropy="grad" if reuse and train_policy and c.entropy_coef else "detached")
-            with torch.no_grad(), ref_ctx():
+            with torch.no_grad(), ref_ctx(), accelerator.autocast():
                 ref_logprobs[rows] = response_logprobs(ref_model, *args, c.temperature)[0]
-            with torch.set_grad_enabled(reuse):
+            with torch.set_grad_enabled(reuse), accelerator.autocast():
                 v = critic_values(critic if reuse else unwrapped_critic, *args)  # (b, T, C)
             logprobs[rows], entropy[rows] = logp.detach(), ent.detach()
             values[rows, :, : v.shape[-1]] = v.detach()
@@ -403,26 +425,16 @@ def run(cfg: Config) -> Path:
         values, cost_values = values[..., 0], values[..., 1]  # cost: zeros without a constraint
         t_score = time.time() - t1
 
-        # --- 4. KL-shaped rewards ---------------------------------------------------------
+        # --- 4-5. KL-shaped rewards, GAE, whitening ----------------------------------------
         beta = kl_ctl.value
-        rewards, kl = ops.kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, beta,
-                                            c.kl_estimator)
-        if c.whiten_rewards:
-            rewards = ops.masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce)
-
-        # --- 5. GAE -----------------------------------------------------------------------
-        advantages, returns = ops.gae(rewards, values, mask, c.gamma, c.lam)
-        cost_returns = torch.zeros_like(returns)
-        if c.lagrangian:
-            cost_rewards = torch.zeros_like(rewards)
-            rows = torch.arange(len(responses), device=rewards.device)
-            cost_rewards[rows, ops.last_index(mask)] = costs
-            cost_adv, cost_returns = ops.gae(cost_rewards, cost_values, mask, c.gamma, c.lam)
-            advantages = ops.lagrangian_advantages(advantages, cost_adv, lagrange.value)
-        if c.whiten_advantages:
-            advantages = ops.masked_whiten(advantages, mask, all_reduce=all_reduce)
+        adv = ops.ppo_advantages(
+            scores, logprobs, ref_logprobs, values, mask, beta=beta, kl_kind=c.kl_estimator,
+            gamma=c.gamma, lam=c.lam, whiten_rewards=c.whiten_rewards,
+            whiten_advantages=c.whiten_advantages, costs=costs if c.lagrangian else None,
+            cost_values=cost_values, multiplier=lagrange.value, all_reduce=all_reduce)
         rollout = Rollout(query, query_mask, response, mask, logprobs, ref_logprobs, values,
-                          cost_values, scores, costs, advantages, returns, cost_returns)
+                          cost_values, scores, costs, adv.advantages, adv.returns,
+                          adv.cost_returns)
 
         # --- 6. PPO update ------------------------------------------------------------------
         t2 = time.time()
@@ -434,7 +446,7 @@ def run(cfg: Config) -> Path:
         t_train = time.time() - t2
 
         # --- 7. Controllers, logging, saving -------------------------------------------------
-        kl_sum = ops.masked_sum(kl, mask, dim=1)  # (B,) per-sequence KL
+        kl_sum = adv.sequence_kl  # (B,)
         mean_kl = global_mean(kl_sum)
         kl_ctl.update(mean_kl, c.batch_size * world)
         mean_cost = global_mean(costs)

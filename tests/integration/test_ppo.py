@@ -1,5 +1,6 @@
 """PPO on a tiny random model: it follows a reward, respects the KL leash, resumes exactly,
-and runs in LoRA, Lagrangian and 2-process modes."""
+starts at KL 0 in bf16, feeds its controllers the right statistics, follows the Lagrangian
+mix, and gives the same metrics on 2 processes as on 1."""
 
 from __future__ import annotations
 
@@ -18,12 +19,15 @@ from safetensors.torch import load_file
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.rundir import MANIFEST
-from stages import ppo, sft
+from pipeline.runtime import set_threads
+from stages import ops, ppo, sft
 from tests.conftest import tiny_override_list
+from tests.integration.scripted_ppo import scripted_generate
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
 RULE = "tests.integration.ppo_rules:brevity"
+VERBOSITY = "tests.integration.ppo_rules:verbosity"
 PPO = [
     "ppo.batch_size=16", "ppo.num_minibatches=2", "ppo.ppo_epochs=2", "ppo.response_length=16",
     "ppo.gold_judge=", "ppo.sample_every=0", "ppo.num_prompts=64", "ppo.lr=3e-3",
@@ -67,7 +71,15 @@ def test_ppo_raises_reward_and_keeps_kl_finite(sft_root, learning_run):
     key = "reward/rule/brevity"
     start, end = mean(rows, key, slice(0, 3)), mean(rows, key, slice(-3, None))
     assert end > start + 0.25, (start, end)
-    assert all(math.isfinite(r["objective/kl"]) for r in rows)
+    # The policy moved away from the reference, and every KL-derived curve is the same
+    # per-sequence KL: the score minus beta times it is the RLHF reward.
+    assert mean(rows, "objective/kl", slice(-5, None)) > 0.05
+    for r in rows:
+        assert math.isfinite(r["objective/kl"])
+        assert r["objective/non_score_reward"] == pytest.approx(
+            -r["objective/kl_coef"] * r["objective/kl"], rel=1e-4, abs=1e-6)
+        assert r["objective/rlhf_reward"] == pytest.approx(
+            r["objective/scores"] + r["objective/non_score_reward"], rel=1e-4, abs=1e-6)
     assert manifest["status"] == "complete"
     assert manifest["metrics"]["updates"] == 20
     assert manifest["parents"]["policy"]["path"] == str(sft_root / "t" / "sft")
@@ -142,14 +154,128 @@ def test_lora_mode_and_lagrangian_cost(sft_root):
     assert not (sft_root / "lora" / "ppo" / "model" / "adapter_config.json").exists()
 
 
-def test_two_process_ddp(sft_root):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+@pytest.fixture
+def cpu_mixed_precision(monkeypatch):
+    """make_accelerator keeps CPU runs in fp32; here ppo.mixed_precision reaches the Accelerator
+    on the CPU too (CPU bf16 autocast), the nearest a CPU gets to the GPU configs."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+
+    def make(cfg, mixed_precision="no", gradient_accumulation_steps=1):
+        set_threads(cfg.run.threads)
+        AcceleratorState._reset_state()
+        accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
+        set_seed(cfg.run.seed)
+        return accelerator
+
+    monkeypatch.setattr(ppo, "make_accelerator", make)
+    yield
+    AcceleratorState._reset_state()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_bf16_starts_at_kl_zero(sft_root, cpu_mixed_precision, monkeypatch, lora):
+    """The shipped GPU configs: bf16 autocast with full fine-tuning. The reference, the sampler
+    and the scorer all run under the policy's autocast, so policy and reference agree before
+    the first update."""
+    autocast_in_sampler = []
+    real_generate = ppo.generate
+
+    def spy(*args, **kwargs):
+        autocast_in_sampler.append(torch.is_autocast_enabled("cpu"))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "generate", spy)
+    _, rows = run_ppo(sft_root, "ppo.num_updates=1", "ppo.batch_size=8",
+                      "ppo.mixed_precision=bf16", f"ppo.lora.enabled={str(lora).lower()}",
+                      "ppo.lora.r=4", f"run.name=bf16-{lora}", "ppo.forward_batch_size=4",
+                      f"ppo.policy={sft_root / 't' / 'sft'}")
+    assert abs(rows[0]["objective/kl"]) < 1e-6, rows[0]["objective/kl"]
+    assert autocast_in_sampler == [True]
+
+
+def test_kl_controller_gets_the_mean_per_sequence_kl(sft_root, monkeypatch):
+    """Fed a per-token mean instead, the adaptive controller would aim at a KL T times
+    smaller than ppo.kl_target."""
+    seen_by_controller, blocks = [], []
+
+    class Recording(ops.AdaptiveKLController):
+        def update(self, current_kl, n_steps):
+            seen_by_controller.append((current_kl, n_steps))
+            super().update(current_kl, n_steps)
+
+    real = ops.ppo_advantages
+
+    def recording_advantages(scores, logp, ref_logp, values, mask, **kwargs):
+        out = real(scores, logp, ref_logp, values, mask, **kwargs)
+        blocks.append((out.kl.clone(), mask.clone()))
+        return out
+
+    monkeypatch.setattr(ops, "AdaptiveKLController", Recording)
+    monkeypatch.setattr(ops, "ppo_advantages", recording_advantages)
+    _, rows = run_ppo(sft_root, "ppo.num_updates=3", "ppo.batch_size=8", "ppo.adaptive_kl=true",
+                      "ppo.kl_coef=0.01", "run.name=klctl", f"ppo.policy={sft_root / 't' / 'sft'}")
+    assert len(seen_by_controller) == len(blocks) == 3
+    for (current_kl, n_steps), (kl, mask), row in zip(seen_by_controller, blocks, rows):
+        per_sequence = (kl * mask).sum(dim=1)  # summed over each response's tokens
+        assert current_kl == pytest.approx(per_sequence.mean().item(), rel=1e-5, abs=1e-7)
+        assert n_steps == 8
+        assert row["objective/kl"] == pytest.approx(current_kl, rel=1e-5, abs=1e-7)
+    assert abs(seen_by_controller[-1][0]) > 1e-3  # a KL that a per-token mean would shrink
+
+
+def test_lagrangian_policy_follows_the_mixed_objective(sft_root):
+    """Reward and cost are the same verbosity score: with lambda fixed at 4 the policy climbs
+    (1 - 4) / (1 + 4) * verbosity, so it must get shorter, though the reward alone says longer."""
+    _, rows = run_ppo(
+        sft_root, "ppo.num_updates=20", "ppo.kl_coef=0.01", "ppo.lagrangian=true",
+        "ppo.lambda_init=4.0", "ppo.lambda_lr=0.0",
+        f"ppo.rewards=[{{type: rule, name: '{VERBOSITY}'}}, {{type: cost, name: '{VERBOSITY}'}}]",
+        "run.name=lagrangian", f"ppo.policy={sft_root / 't' / 'sft'}")
+    assert all(r["objective/lambda"] == 4.0 for r in rows)
+    key = "reward/cost/verbosity"
+    start, end = mean(rows, key, slice(0, 3)), mean(rows, key, slice(-3, None))
+    assert end < start - 0.25, (start, end)
+    assert rows[-1]["objective/cost"] == pytest.approx(rows[-1][key], rel=1e-5)
+
+
+def ddp_args(root: Path, name: str, batch_size: int) -> list[str]:
+    return overrides(root, "ppo.num_updates=2", f"ppo.batch_size={batch_size}",
+                     "ppo.num_minibatches=1", "ppo.ppo_epochs=2", "ppo.response_length=8",
+                     "ppo.adaptive_kl=true", "ppo.kl_horizon=16", "ppo.lagrangian=true",
+                     "ppo.lambda_lr=1.0",
+                     f"ppo.rewards=[{{type: rule, name: '{RULE}'}}, "
+                     f"{{type: cost, name: '{VERBOSITY}'}}]",
+                     f"run.name={name}", f"ppo.policy={root / 't' / 'sft'}")
+
+
+def test_two_processes_match_one(sft_root, monkeypatch):
+    """One batch of 8 on one process and 2 x 4 on two (DDP over gloo), on identical scripted
+    rollouts: every logged metric and the trained weights agree."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs/accelerate/cpu_2proc.yaml"), "-m", "pipeline.cli", "ppo",
-           *overrides(sft_root, "ppo.num_updates=2", "ppo.batch_size=4",
-                      "ppo.num_minibatches=1", "run.name=ddp",
-                      f"ppo.policy={sft_root / 't' / 'sft'}")]
+           str(ROOT / "configs/accelerate/cpu_2proc.yaml"), "-m", "tests.integration.scripted_ppo",
+           "ppo", *ddp_args(sft_root, "ddp2", 4)]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    manifest = json.loads((sft_root / "ddp" / "ppo" / MANIFEST).read_text())
-    assert manifest["metrics"]["world_size"] == 2
+    monkeypatch.setattr(ppo, "generate", scripted_generate)
+    one = ppo.run(load_config(None, ddp_args(sft_root, "ddp1", 8)))
+
+    two = sft_root / "ddp2" / "ppo"
+    assert json.loads((two / MANIFEST).read_text())["metrics"]["world_size"] == 2
+    rows = {}
+    for name, path in (("one", one), ("two", two)):
+        rows[name] = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows["one"]) == len(rows["two"]) == 2
+    for a, b in zip(rows["one"], rows["two"]):
+        assert a.keys() == b.keys()
+        for key in a:
+            if not key.startswith(("time/", "perf/")):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert rows["one"][1]["objective/kl"] > 1e-3  # the first update moved the policy
+    assert rows["one"][1]["objective/kl_coef"] != rows["one"][0]["objective/kl_coef"]
+    weights_one = load_file(str(one / "model" / "model.safetensors"))
+    weights_two = load_file(str(two / "model" / "model.safetensors"))
+    for key, value in weights_one.items():
+        torch.testing.assert_close(weights_two[key], value, atol=1e-5, rtol=1e-4, msg=key)
