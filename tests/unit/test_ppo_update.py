@@ -81,3 +81,43 @@ def test_reusing_the_first_forward_changes_nothing(minibatches):
     # the update did move the weights
     start = dict(base_policy.named_parameters())
     assert any(not torch.equal(x, start[n]) for n, x in p0.named_parameters())
+
+
+@pytest.mark.parametrize("lagrangian", [False, True])
+def test_one_step_losses_are_the_clipped_objectives_by_hand(lagrangian):
+    """The surrogate clips the ratio at ppo.clip_range around the rollout log-probs, the value
+    loss clips at ppo.clip_range_value around the rollout values (both critics' with PPO-
+    Lagrangian); different ranges, so swapping them shows."""
+    c = PPOConfig(ppo_epochs=1, num_minibatches=1, clip_range=0.05, clip_range_value=0.5,
+                  lagrangian=lagrangian)
+    policy, critic = models()
+    critic = ScoreModel(critic.model, extra_outputs=1)
+    data = rollout()
+    args = (data.query, data.query_mask, data.response, data.mask)
+    with torch.no_grad():
+        logp = response_logprobs(policy, *args, c.temperature)[0]
+        v = critic_values(critic, *args)  # (B, T, 2)
+    g = torch.Generator().manual_seed(2)
+    noise = lambda: torch.randn(logp.shape, generator=g)  # noqa: E731
+    data.logprobs = logp + 0.3 * noise()  # ratios mostly outside [0.95, 1.05]
+    data.values, data.cost_values = v[..., 0] + noise(), v[..., 1] + noise()
+    data.returns, data.cost_returns = v[..., 0] + noise(), v[..., 1] + noise()
+    opts = [make_optimizer(m, 1e-2, c) for m in (policy, critic)]
+    scheds = [build_scheduler(o, c.lr_scheduler, 1) for o in opts]
+    stats = ppo_update(c, data, minibatch_orders(4, 1, seed=0), None, policy, critic, *opts,
+                       *scheds, Accelerator(cpu=True), True, [], 0, pad_id=0)
+
+    valid = data.mask.bool()
+    ratio = torch.exp(logp - data.logprobs)
+    adv = data.advantages
+    surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - 0.05, 1 + 0.05))
+    assert stats["loss/policy"] == pytest.approx(surrogate[valid].mean().item(), rel=1e-5)
+
+    def clipped_value_loss(new, old, target):
+        clipped = old + (new - old).clamp(-0.5, 0.5)
+        return 0.5 * torch.maximum((new - target) ** 2, (clipped - target) ** 2)[valid].mean()
+
+    expected = clipped_value_loss(v[..., 0], data.values, data.returns)
+    if lagrangian:
+        expected = expected + clipped_value_loss(v[..., 1], data.cost_values, data.cost_returns)
+    assert stats["loss/value"] == pytest.approx(expected.item(), rel=1e-5)
