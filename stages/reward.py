@@ -218,7 +218,9 @@ def normalization(scorer: torch.nn.Module, policy, tok, cfg: Config,
     """Score the SFT policy's samples on PPO prompts; (extras, raw metrics).
 
     Normalizing on the policy PPO starts from puts its initial rewards at mean 0 / std 1,
-    so reward_clip and the KL coefficient mean the same thing whatever the RM's scale.
+    so reward_clip and the KL coefficient mean the same thing whatever the RM's scale. Sampling
+    and scoring run under the stage's autocast, as PPO's do under its own (the GPU configs use
+    bf16 for both), so the bias is measured in the precision it is applied in.
     """
     c = cfg.rm
     n = c.norm_samples
@@ -228,11 +230,12 @@ def normalization(scorer: torch.nn.Module, policy, tok, cfg: Config,
     # Fewer prompts than samples: cycle them; sampling makes the repeats different responses.
     mine = [encode_prompt(tok, prompts[i % len(prompts)].prompt, cfg.data.max_prompt_tokens)
             for i in range(accelerator.process_index, n, accelerator.num_processes)]
-    responses = generate(policy, tok, mine, max_new_tokens=c.max_new_tokens,
-                         temperature=c.norm_temperature)
-    sequences = [p + r for p, r in zip(mine, responses)]
-    local = score_sequences(scorer, sequences, tok.pad_token_id, c.batch_size * 4,
-                            accelerator.device)
+    with accelerator.autocast():
+        responses = generate(policy, tok, mine, max_new_tokens=c.max_new_tokens,
+                             temperature=c.norm_temperature)
+        sequences = [p + r for p, r in zip(mine, responses)]
+        local = score_sequences(scorer, sequences, tok.pad_token_id, c.batch_size * 4,
+                                accelerator.device)
     scores = torch.tensor(gather_object(local.tolist()), dtype=torch.float64)
     mean = scores.mean().item()
     # Population std: the stored scale then gives exactly std 1 on these samples.

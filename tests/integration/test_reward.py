@@ -98,7 +98,13 @@ def test_learns_separable_preference(sft_dir: Path, toy_rm: Path) -> None:
     assert m["eval_accuracy_after"] >= 0.8, m
     assert m["eval_accuracy_after"] > m["eval_accuracy_before"]
     assert m["eval_margin_after"] > m["eval_margin_before"]
-    assert 0.0 <= m["eval_ece_after"] <= 1.0
+    # The ECE is the count-weighted gap between accuracy and confidence of the stored bins,
+    # which hold every held-out pair.
+    bins = read_manifest(toy_rm)["extras"]["calibration"]
+    assert sum(b["count"] for b in bins) == m["eval_pairs"]
+    gaps = sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins)
+    assert m["eval_ece_after"] == pytest.approx(gaps / m["eval_pairs"], rel=1e-9)
+    assert all(b["confidence"] >= 0.5 for b in bins if b["count"])  # sigmoid(|gap|)
     assert "eval_accuracy_gold_after" not in m  # the toy rows carry no gold scores
 
     trained = load_file(str(toy_rm / "model" / "model.safetensors"))
@@ -114,6 +120,49 @@ def test_learns_separable_preference(sft_dir: Path, toy_rm: Path) -> None:
     logged = {k for r in rows for k in r}
     assert {"train/loss", "train/accuracy", "train/margin", "train/lr", "eval/accuracy",
             "eval/ece", "norm/mean", "norm/std"} <= logged
+
+
+def test_normalized_score_of_sft_samples_is_mean_0_std_1_as_ppo_reads_it(
+        sft_dir: Path, toy_rm: Path, monkeypatch) -> None:
+    """The bias and scale set on the SFT policy's own samples, applied the way PPO scores a
+    rollout (left-padded prompt, right-padded response, the reward at the last response
+    token, then RewardFunction), give those samples mean 0 and std 1."""
+    from accelerate import Accelerator
+
+    from pipeline.config import PPOConfig, RewardComponent
+    from pipeline.models import load_policy, load_reward_model
+    from pipeline.text import eos_ids
+    from stages.ppo import RewardFunction, _inputs, rollout_tensors
+    from stages.scoring import ScoreModel, sequence_scores
+
+    cfg = rm_config(sft_dir.parents[1], "norm", sft_dir, "rm.norm_samples=12")
+    tok = load_tokenizer(str(sft_dir / "model"), cfg.model)
+    policy, _ = load_policy(cfg.model, name_or_path=str(sft_dir / "model"))
+    scorer = ScoreModel(load_reward_model(toy_rm / "model", cfg.model, tok))
+    sampled = []
+    real_generate = reward.generate
+
+    def recording_generate(model, tok, prompts, **kwargs):
+        responses = real_generate(model, tok, prompts, **kwargs)
+        sampled.append((prompts, responses))
+        return responses
+
+    monkeypatch.setattr(reward, "generate", recording_generate)
+    torch.manual_seed(0)
+    norm, raw = reward.normalization(scorer, policy, tok, cfg, Accelerator(cpu=True))
+    assert norm["norm_samples"] == 12 and raw["norm_std"] > 0
+    (prompts, responses), = sampled
+    query, query_mask, response, mask, has_eos, _ = rollout_tensors(
+        prompts, responses, tok.pad_token_id, sorted(eos_ids(tok, policy)))
+    assert query_mask.min() == 0  # prompts of different lengths: left padding is exercised
+    ppo_cfg = PPOConfig(rewards=[RewardComponent(type="model")], reward_clip=100.0,
+                        missing_eos_penalty=0.0)
+    fn = RewardFunction(ppo_cfg, lambda ids, att: sequence_scores(scorer, ids, att), norm)
+    score, _, parts = fn(*_inputs(query, query_mask, response, mask), [""] * 12,
+                         [""] * 12, [{}] * 12, has_eos)
+    assert parts["rm_raw"].mean().item() == pytest.approx(raw["norm_mean"], abs=1e-5)
+    assert score.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert score.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
 
 
 def test_manifest_files_and_label_parent(sft_dir: Path) -> None:
