@@ -873,6 +873,12 @@ class LagrangeMultiplier:
     Projected gradient ascent of ``lambda * (J_c - threshold)`` in lambda: lambda
     grows while the mean cost exceeds the threshold and shrinks otherwise, kept in
     ``[0, max_value]`` (non-negative by KKT; capped so reward is never ignored entirely).
+
+    Deliberately unlike safe-rlhf, which steps ``log lambda`` by SGD (a step proportional to
+    lambda) on a moving window of episode costs, before using lambda on the same batch: here
+    the step is additive, so lambda reaches 0 when the constraint is slack instead of only
+    decaying towards it, ``lambda_lr`` is in cost units, and each batch's cost moves the
+    lambda used from the next batch on (``J_c`` is that batch's mean over all processes).
     """
 
     def __init__(

@@ -4,15 +4,18 @@ The loop, once per update:
   1. rollout   sample responses from the policy (temperature T, stop at EOS)
   2. score     reward model (normalized, clipped) + rule rewards + costs, missing-EOS penalty
   3. evaluate  policy / reference log-probs at the same T, critic values
-  4. reward    per-token -beta * KL, score at the last token
-  5. GAE       advantages and returns (gamma, lambda); advantages whitened over the batch
+  4. reward    per-token -beta * KL, score at the last token (PPO-Lagrangian: a cost stream
+               of +beta * KL with the cost at the last token, as in safe-rlhf)
+  5. GAE       advantages and returns (gamma, lambda); (A_r - lambda A_c) / (1 + lambda) with
+               a constraint; advantages whitened over the batch
   6. update    PPO epochs over minibatches: clipped policy and value losses
   7. log/save  metrics, samples, KL controller, Lagrange multiplier, checkpoints
 
 Models: policy and frozen reference from the SFT stage (with LoRA, one base: the reference is
 the policy with its adapter disabled), the reward model frozen, the critic a separate network
 initialized from the reward model (with LoRA, an adapter on the reward model's base, which
-with the adapter disabled *is* the reward model).
+with the adapter disabled *is* the reward model). Every forward runs under the prepared
+policy's autocast, so with bf16 the sampler, policy, reference and reward agree on precision.
 """
 
 from __future__ import annotations
