@@ -286,3 +286,26 @@ def test_label_and_reward_model_under_two_process_ddp(sft_dir: Path) -> None:
     # 4 held-out prompts with up to 3 responses: every pair counted once across processes.
     assert 0 < rm["metrics"]["eval_pairs"] <= 4 * 3
     assert rm["parents"]["label"]["path"] == str(root / "ddp" / "label")
+
+
+def test_eval_best_of_n_picks_the_reward_models_favourite(sft_dir: Path, toy_rm: Path) -> None:
+    """Best-of-4 in the eval stage: candidate 0 is the SFT sample itself, so per prompt its
+    reward-model score is at least the SFT policy's; its KL is the analytic log 4 - 3/4."""
+    from stages import evaluate
+
+    cfg = rm_config(sft_dir.parents[1], "t", sft_dir, f"eval.reward_model={toy_rm}",
+                    "eval.num_prompts=6", "eval.max_new_tokens=8", "eval.batch_size=6",
+                    "eval.bootstrap=50", "eval.best_of_n=4")
+    results = json.loads((evaluate.run(cfg) / "results.json").read_text())
+    torch.set_num_threads(1)
+    assert results["best_of_n"] == 4
+    assert set(results["policies"]) == {"base", "sft", "bon"}
+    bon = results["policies"]["bon"]
+    assert bon["kl"] == {**bon["kl"], "mean": pytest.approx(math.log(4) - 0.75),
+                         "reference": "sft"}
+    samples = [json.loads(x) for x in
+               (sft_dir.parents[1] / "t" / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6
+    assert all(s["bon"]["rm"] >= s["sft"]["rm"] - 1e-6 for s in samples)
+    assert any(s["bon"]["response"] != s["sft"]["response"] for s in samples)
+    assert "bon_vs_sft" in results["win_rates"] and "ppo_vs_sft" not in results["win_rates"]
