@@ -195,6 +195,12 @@ def test_bf16_starts_at_kl_zero(sft_root, cpu_mixed_precision, monkeypatch, lora
     assert autocast_in_sampler == [True]
 
 
+@pytest.mark.parametrize("name", ["gpu_single.yaml", "gpu_multi.yaml"])
+def test_shipped_gpu_configs_are_the_bf16_case_tested_above(name):
+    c = load_config(ROOT / "configs" / name).ppo
+    assert (c.mixed_precision, c.lora.enabled) == ("bf16", False)
+
+
 def test_kl_controller_gets_the_mean_per_sequence_kl(sft_root, monkeypatch):
     """Fed a per-token mean instead, the adaptive controller would aim at a KL T times
     smaller than ppo.kl_target."""
