@@ -667,7 +667,8 @@ def ppo_advantages(
         values: ``(B, T)`` reward critic's values.
         mask: ``(B, T)`` response mask (1 up to and including the first EOS).
         beta: KL coefficient.
-        whiten_rewards: rescale the per-token rewards (mean kept) before GAE.
+        whiten_rewards: rescale the per-token rewards (mean kept) before GAE; with costs,
+            each stream by its own scale.
         whiten_advantages: normalize the final advantages over all valid tokens.
         costs, cost_values: ``(B,)`` constrained costs and ``(B, T)`` cost critic values
             (PPO-Lagrangian); None for plain PPO.
@@ -678,8 +679,10 @@ def ppo_advantages(
     reward stream gets ``-beta * KL`` and the cost stream ``+beta * KL``, so the combined
     advantage ``(A_r - lambda * A_c) / (1 + lambda)`` is the advantage of
     ``(score - lambda * cost) / (1 + lambda) - beta * KL``: the leash keeps its weight beta
-    whatever lambda is, instead of shrinking to ``beta / (1 + lambda)``. Returns (value
-    targets) are ``A + V`` from GAE, before any whitening.
+    whatever lambda is, instead of shrinking to ``beta / (1 + lambda)``. Unlike safe-rlhf,
+    the per-token rewards are not clipped (the caller clips the normalized score), and the
+    combined advantage is whitened like any other, which rescales all three terms alike.
+    Returns (value targets) are ``A + V`` from GAE, before any whitening.
     """
     rewards, kl = kl_shaped_rewards(scores, logp, ref_logp, mask, beta, kl_kind)
     if whiten_rewards:
