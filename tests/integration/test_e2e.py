@@ -29,7 +29,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
         assert manifest["status"] == "complete", stage
         assert set(manifest["parents"]) == parents, stage
     results = json.loads((run / "eval" / "results.json").read_text())
-    assert set(results["policies"]) == {"base", "sft", "ppo"}
+    assert set(results["policies"]) == {"base", "sft", "bon", "ppo"}
     html = (run / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 5
     status = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", str(run)], cwd=REPO,

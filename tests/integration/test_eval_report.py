@@ -82,10 +82,14 @@ def test_calibration_probe_per_policy(chain):
     cal = chain["results"]["calibration"]
     assert cal["num_questions"] == 6 and set(cal["policies"]) == {"base", "sft", "ppo"}
     for row in cal["policies"].values():
-        assert 0 <= row["accuracy"] <= 1 and 0 <= row["ece"] <= 1
         assert 0.25 <= row["mean_confidence"] <= 1
         assert len(row["bins"]) == chain["cfg"].eval.calibration_bins
         assert sum(b["count"] for b in row["bins"]) == 6
+        # Accuracy and ECE are what the bins (which hold every question) say they are.
+        bins = [b for b in row["bins"] if b["count"]]
+        assert row["accuracy"] == pytest.approx(sum(b["count"] * b["accuracy"] for b in bins) / 6)
+        assert row["ece"] == pytest.approx(
+            sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins) / 6)
 
 
 def test_multiple_choice_builder():
