@@ -132,6 +132,15 @@ def open_parent(path: str | Path, expected_stage: str | tuple[str, ...], role: s
     return Parent(path, manifest, file_sha256(path / MANIFEST))
 
 
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint ``folder/latest`` points to, or None when there is none."""
+    pointer = folder / "latest"
+    if not pointer.is_file():
+        return None
+    path = folder / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
 def check_same_tokenizer(policy_sha: str, other: Parent, role: str) -> None:
     theirs = other.manifest.get("tokenizer_sha256")
     if theirs != policy_sha:
@@ -159,8 +168,9 @@ class StageDir:
         self.metrics_path = self.path / "metrics.jsonl"
         self.samples_path = self.path / "samples.jsonl"
 
-    def start(self) -> None:
-        """Refuse to clobber a finished stage; clear it on overwrite; write the resolved config."""
+    def check(self) -> None:
+        """Refuse to clobber a finished stage. Side-effect free: stages call it before they
+        read their inputs, and ``start`` calls it again before clearing anything."""
         existing = read_manifest(self.path) if self.path.is_dir() else None
         if existing is not None and existing.get("status") == "complete":
             if self.cfg.run.resume:
@@ -173,12 +183,24 @@ class StageDir:
                     f"{self.path} is already complete; pass run.overwrite=true to replace it "
                     "or choose another run.name"
                 )
+        if self.path.exists() and not self.path.is_dir():
+            raise PipelineError(f"{self.path}: exists and is not a folder")
+
+    def start(self) -> None:
+        """Clear the folder (on overwrite, or an unfinished fresh start) and write the resolved
+        config. Every stage calls it only once its inputs have been read and checked, so a
+        bad input never costs the finished stage it would have replaced."""
+        self.check()
         if self.is_main:
-            if self.path.exists() and not self.cfg.run.resume:
-                # The manifest goes first so an interrupted clean-up never looks complete.
-                (self.path / MANIFEST).unlink(missing_ok=True)
-                shutil.rmtree(self.path)
-            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                if self.path.exists() and not self.cfg.run.resume:
+                    # The manifest goes first so an interrupted clean-up never looks complete.
+                    (self.path / MANIFEST).unlink(missing_ok=True)
+                    shutil.rmtree(self.path)
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise PipelineError(f"{self.path}: cannot create the stage folder "
+                                    f"({exc.strerror or exc})") from None
             atomic_write_text(self.path / "config.yaml", to_yaml(self.cfg))
 
     def finish(

@@ -73,10 +73,16 @@ def make_accelerator(cfg: Config, mixed_precision: str = "no",
 
 
 def rng_state() -> dict:
-    """Every RNG a stage draws from, for resumable checkpoints."""
+    """Every RNG a stage draws from, for resumable checkpoints.
+
+    Only tensors, numbers, strings and lists, so ``torch.load(..., weights_only=True)`` reads
+    it back: numpy's key array is stored as a tensor rather than a pickled ndarray.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                  float(cached)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -86,7 +92,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos,
+                         has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

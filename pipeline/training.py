@@ -5,12 +5,24 @@ trainable weights (safetensors), optimizer and scheduler states, every process's
 the stage's own counters (step, data position, KL coefficient, ...). It is written to a temp
 folder and renamed, and ``latest`` is updated last, so a kill mid-save leaves the previous
 checkpoint as the one to resume from.
+
+Checkpoints hold only tensors, numbers, strings and lists: they are read back with
+``torch.load(..., weights_only=True)``, so a checkpoint folder from elsewhere cannot run code
+on resume (a pickle that needs anything else is refused with one line). A resumed stage must
+have the configuration its checkpoint was written under, except for the keys in
+``RESUME_MAY_CHANGE``.
+
+Every training stage also checks its numbers with a ``Guard``: a loss, gradient norm, reward,
+KL or evaluation metric that is NaN or infinite stops the stage before the value is applied
+or saved, so no manifest is written and the last checkpoint stays the last good one.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,12 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
+from pipeline.config import Config, to_dict, to_yaml
 from pipeline.errors import PipelineError
-from pipeline.rundir import atomic_write_text
+from pipeline.rundir import atomic_write_text, latest_checkpoint
 from pipeline.runtime import rng_state, set_rng_state
 
 KEEP_CHECKPOINTS = 2
@@ -63,8 +77,10 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(folder: Path, step: int, accelerator: Accelerator, *,
                     models: dict[str, torch.nn.Module],
-                    optimizers: dict[str, Any], state: dict[str, Any]) -> None:
-    """Write ``folder/step-N`` (weights, optimizer/scheduler states, RNG, ``state``)."""
+                    optimizers: dict[str, Any], state: dict[str, Any],
+                    config: Config | None = None) -> None:
+    """Write ``folder/step-N`` (weights, optimizer/scheduler states, RNG, ``state`` and the
+    resolved ``config`` that a resume is compared with)."""
     target = folder / f"step-{step:07d}"
     tmp = folder / f".step-{step:07d}.tmp"
     if accelerator.is_main_process:
@@ -78,6 +94,8 @@ def save_checkpoint(folder: Path, step: int, accelerator: Accelerator, *,
         torch.save({name: opt.state_dict() for name, opt in optimizers.items()},
                    tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
+        if config is not None:
+            (tmp / "config.yaml").write_text(to_yaml(config))
     torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -89,35 +107,82 @@ def save_checkpoint(folder: Path, step: int, accelerator: Accelerator, *,
     accelerator.wait_for_everyone()
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    pointer = folder / "latest"
-    if not pointer.is_file():
-        return None
-    path = folder / pointer.read_text().strip()
-    return path if path.is_dir() else None
+def _damaged(file: Path, exc: BaseException) -> PipelineError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return PipelineError(
+        f"{file}: cannot read this checkpoint file ({type(exc).__name__}: {first[:200]}); "
+        f"it is damaged or was not written by this pipeline. Point {file.parent.parent}/latest "
+        "at an earlier step-* folder, or start the stage again without run.resume"
+    )
+
+
+def _load_tensors(file: Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers: never runs pickled code."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise PipelineError(
+            f"{file}: refused to load: it holds objects other than tensors and plain values "
+            f"({(str(exc).strip().splitlines() or [''])[0][:160]}), so it was not written by "
+            "this pipeline and unpickling it could run code"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise _damaged(file, exc) from None
 
 
 def load_checkpoint(path: Path, accelerator: Accelerator, *,
                     models: dict[str, torch.nn.Module],
                     optimizers: dict[str, Any]) -> dict[str, Any]:
-    """Restore what ``save_checkpoint`` wrote; returns the stage's ``state`` (with ``step``)."""
+    """Restore what ``save_checkpoint`` wrote; returns the stage's ``state`` (with ``step``).
+
+    Any file that is missing, truncated, of the wrong shape or not plain data is refused with
+    one line naming it, before the models are touched by a partial copy.
+    """
+    restored: dict[str, dict[str, torch.Tensor]] = {}
     for name, model in models.items():
-        weights = load_file(str(path / f"{name}.safetensors"))
-        module = accelerator.unwrap_model(model)
-        params = dict(module.named_parameters())
-        missing = [n for n in weights if n not in params]
-        if missing:
-            raise PipelineError(f"{path}: checkpoint has weights the model lacks ({missing[0]})")
-        with torch.no_grad():
-            for n, tensor in weights.items():
-                params[n].copy_(tensor.to(params[n].device, params[n].dtype))
-    states = torch.load(path / "optim.pt", map_location="cpu", weights_only=False)
-    for name, opt in optimizers.items():
-        opt.load_state_dict(states[name])
+        file = path / f"{name}.safetensors"
+        try:
+            weights = load_file(str(file))
+        except Exception as exc:  # safetensors raises its own error type for bad headers
+            raise _damaged(file, exc) from None
+        params = dict(accelerator.unwrap_model(model).named_parameters())
+        trainable = {n for n, p in params.items() if p.requires_grad}
+        unknown = [n for n in weights if n not in params]
+        if unknown:
+            raise PipelineError(f"{file}: checkpoint has weights the model lacks ({unknown[0]})")
+        lacking = sorted(trainable - set(weights))
+        if lacking:
+            raise PipelineError(f"{file}: checkpoint lacks trained weights ({lacking[0]})")
+        for n, tensor in weights.items():
+            if tensor.shape != params[n].shape:
+                raise PipelineError(f"{file}: {n} has shape {tuple(tensor.shape)}, the model's "
+                                    f"is {tuple(params[n].shape)}")
+        restored[name] = weights
+    states = _load_tensors(path / "optim.pt")
+    if not isinstance(states, dict) or any(name not in states for name in optimizers):
+        raise _damaged(path / "optim.pt", KeyError(f"expected states for {', '.join(optimizers)}"))
     rng_file = path / f"rng-{accelerator.process_index}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((path / "state.json").read_text())
+    rng = _load_tensors(rng_file) if rng_file.is_file() else None
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise _damaged(path / "state.json", exc) from None
+    for name, model in models.items():
+        params = dict(accelerator.unwrap_model(model).named_parameters())
+        with torch.no_grad():
+            for n, tensor in restored[name].items():
+                params[n].copy_(tensor.to(params[n].device, params[n].dtype))
+    for name, opt in optimizers.items():
+        try:
+            opt.load_state_dict(states[name])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise _damaged(path / "optim.pt", exc) from None
+    if rng is not None:
+        try:
+            set_rng_state(rng)
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise _damaged(rng_file, exc) from None
+    return state
 
 
 def resume_point(folder: Path, resume: bool) -> Path | None:
@@ -126,8 +191,130 @@ def resume_point(folder: Path, resume: bool) -> Path | None:
         return None
     path = latest_checkpoint(folder)
     if path is None:
-        raise PipelineError(f"run.resume=true but {folder} holds no checkpoint to resume from")
+        raise PipelineError(f"run.resume=true but {folder} holds no checkpoint to resume from "
+                            "(run without run.resume to start the stage from the beginning)")
     return path
+
+
+# Keys a resumed stage may change: how long it trains, what it logs or keeps, where it runs
+# its threads; none changes what an optimizer step computes. A new budget takes effect from
+# the step resumed at (the learning-rate schedule is recomputed on the new horizon).
+RESUME_MAY_CHANGE = (
+    "run.resume", "run.overwrite", "run.threads", "run.seeds", "run.seed_jobs", "tracking.",
+    "model.cache_dir",
+    "sft.max_steps", "sft.epochs", "sft.log_every", "sft.save_every",
+    "rm.max_steps", "rm.epochs", "rm.log_every", "rm.save_every",
+    "ppo.num_updates", "ppo.log_every", "ppo.save_every", "ppo.sample_every",
+    "ppo.snapshot_every",
+)
+# What each resumable stage reads; a change elsewhere (a later stage's keys) does not matter.
+STAGE_INPUTS = {
+    "sft": ("model.", "data.sft", "data.eval", "data.max_prompt_tokens", "sft.", "run.seed",
+            "run.device"),
+    "rm": ("model.", "data.ranked", "data.ppo", "data.max_prompt_tokens", "rm.", "run.seed",
+           "run.device"),
+    "ppo": ("model.", "data.ppo", "data.sft", "data.max_prompt_tokens", "sft.max_seq_len",
+            "ppo.", "run.seed", "run.device"),
+}
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or (prefix and not tree):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        # Lists (ppo.rewards, target_modules) compare as one value.
+        out.update(_flatten(value, name) if isinstance(value, dict) and value else {name: value})
+    return out
+
+
+def config_changes(old: dict, cfg: Config, stage: str) -> list[str]:
+    """``key: old -> new`` for every key ``stage`` reads that differs and may not change."""
+    before, after = _flatten(old), _flatten(to_dict(cfg))
+    inputs = STAGE_INPUTS[stage]
+    return [f"{key}: {before[key]!r} -> {after[key]!r}" for key in sorted(after)
+            if key in before and before[key] != after[key]
+            and _matches(key, inputs) and not _matches(key, RESUME_MAY_CHANGE)]
+
+
+def resume_checkpoint(stage, cfg: Config) -> Path | None:
+    """The checkpoint a stage resumes from (None for a fresh start), refused with the list of
+    changed keys when the new config differs from the one the checkpoint was written under.
+
+    Called before the stage folder is touched, so a refused resume leaves it as it was.
+    """
+    path = resume_point(stage.checkpoints, cfg.run.resume)
+    if path is None:
+        return None
+    source = path / "config.yaml"
+    if not source.is_file():  # a checkpoint from before configs were saved with it
+        source = stage.path / "config.yaml"
+    try:
+        old = yaml.safe_load(source.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise _damaged(source, exc) from None
+    if not isinstance(old, dict):
+        raise _damaged(source, ValueError("expected a mapping"))
+    changes = config_changes(old, cfg, stage.stage)
+    if changes:
+        raise PipelineError(
+            f"{stage.stage}: run.resume=true with a config that differs from the one "
+            f"{path} was written under ({'; '.join(changes)}); resume with those values, "
+            "or start the stage again without run.resume"
+        )
+    return path
+
+
+def check_budget(stage: str, step: int, total: int, key: str) -> None:
+    """A resumed stage whose new budget ends before its checkpoint cannot continue."""
+    if step > total:
+        raise PipelineError(f"{stage}: the checkpoint is at step {step}, past the new budget "
+                            f"of {total} steps ({key}); raise it or start the stage again")
+
+
+class NonFiniteError(PipelineError):
+    """A training value became NaN or infinite; the stage stopped before applying or saving it."""
+
+
+class Guard:
+    """Stops a stage at the first non-finite loss, gradient norm, reward, KL or metric.
+
+    It only reads values the stage computed, so what is trained does not change. The message
+    names the stage, the step, the value and the checkpoint a resume would continue from.
+    """
+
+    def __init__(self, stage: str, checkpoints: Path, unit: str = "step"):
+        self.stage = stage
+        self.checkpoints = checkpoints
+        self.unit = unit
+
+    def check(self, step: int, **values: float) -> None:
+        for name, value in values.items():
+            if not math.isfinite(value):
+                self.fail(step, f"{name} is {value}")
+
+    def check_tensor(self, step: int, name: str, tensor: torch.Tensor) -> None:
+        """Every element finite; otherwise name the first bad one."""
+        bad = ~torch.isfinite(tensor.detach())
+        if bool(bad.any()):
+            index = tuple(int(i) for i in bad.nonzero()[0])
+            where = f"[{', '.join(map(str, index))}]" if index else ""
+            self.fail(step, f"{name}{where} is {float(tensor.detach()[index])}")
+
+    def fail(self, step: int, what: str) -> None:
+        latest = latest_checkpoint(self.checkpoints)
+        kept = (f"last good checkpoint: {latest} (run.resume=true continues from it)"
+                if latest is not None else "no checkpoint was saved before it")
+        raise NonFiniteError(
+            f"{self.stage}: stopped at {self.unit} {step}: {what}, not a finite number (a "
+            f"learning rate too high for the model is the usual cause); the stage was not "
+            f"marked complete; {kept}"
+        )
 
 
 @dataclass
@@ -159,13 +346,18 @@ def optimizer_steps(accelerator: Accelerator, model: torch.nn.Module, optimizer,
                     total_steps: int, max_grad_norm: float,
                     compute_loss: Callable[[torch.nn.Module, dict],
                                            tuple[torch.Tensor, dict[str, torch.Tensor]]],
-                    ) -> Iterator[StepOutput]:
+                    guard: Guard | None = None) -> Iterator[StepOutput]:
     """The epoch / gradient-accumulation loop shared by SFT and the reward model.
 
     ``compute_loss(model, batch) -> (loss, stats)``; yields after every optimizer step, with
     ``state`` already advanced, so the caller logs, evaluates and checkpoints in between.
+    ``guard`` checks the loss and the gradient norm of each step before the optimizer applies
+    it. Under fp16 an infinite gradient norm is the loss scaler's overflow signal (it skips
+    that step itself), so only the loss is checked there.
     """
     sums: dict[str, float] = {}
+    loss_sum = 0.0
+    check_grad = accelerator.scaler is None
     model.train()
     while state.step < total_steps:
         # Each epoch's order depends on (seed, epoch) alone, so a resumed run reshuffles alike.
@@ -177,10 +369,17 @@ def optimizer_steps(accelerator: Accelerator, model: torch.nn.Module, optimizer,
         for batch in batches:
             with accelerator.accumulate(model):
                 loss, stats = compute_loss(model, batch)
+                if guard is not None:
+                    loss_sum += float(loss.detach())
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                    if guard is not None:
+                        guard.check(state.step + 1, **{"train loss": loss_sum})
+                        if check_grad:
+                            guard.check(state.step + 1, **{"gradient norm": float(grad_norm)})
+                        loss_sum = 0.0
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
