@@ -23,7 +23,8 @@ from pipeline.rundir import StageDir, check_same_tokenizer, open_parent, stage_d
 from pipeline.runtime import make_accelerator
 from pipeline.text import decode, encode_prompt, eos_ids, generate
 from pipeline.tracking import Tracker
-from stages.judge import AnnotatorPool, default_pool, gold_ranks, load_judge, pairwise_agreement
+from stages.judge import AnnotatorPool, default_pool, gold_ranks, pairwise_agreement
+from stages.rewards import load_checked_judge
 
 NUM_SAMPLES = 5
 
@@ -81,11 +82,11 @@ def run(cfg: Config) -> Path:
     tok_sha = tokenizer_sha256(tok)
     check_same_tokenizer(tok_sha, parent, "label.policy")
     model.to(accelerator.device)
-    try:
-        judge = load_judge(c.judge, **({"device": str(accelerator.device)}
-                                       if c.judge == "minilm" else {}))
-    except (ValueError, ImportError, FileNotFoundError) as exc:
-        raise PipelineError(f"label.judge={c.judge!r}: {exc}") from None
+    # A user judge is called through checks: an exception, or anything but one finite score
+    # per response, stops the stage with one line naming it.
+    judge = load_checked_judge("label.judge", c.judge,
+                               **({"device": str(accelerator.device)}
+                                  if c.judge == "minilm" else {}))
     pool = default_pool(c.annotators.n, c.annotators.temperature, c.annotators.flip_prob,
                         seed=cfg.run.seed)
 

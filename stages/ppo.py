@@ -57,14 +57,16 @@ from pipeline.text import (
 from pipeline.text import pad as pad_sequences
 from pipeline.tracking import Tracker
 from pipeline.training import (
+    Guard,
     build_scheduler,
+    check_budget,
     fused_adam_ok,
     load_checkpoint,
-    resume_point,
+    resume_checkpoint,
     save_checkpoint,
 )
 from stages import ops
-from stages.rewards import resolve_rule
+from stages.rewards import call_user, checked_values, load_checked_judge, resolve_rule
 from stages.scoring import PolicyModel, ScoreModel, sequence_scores
 
 
@@ -170,10 +172,14 @@ class RewardFunction:
         self.bias = float(norm.get("norm_bias", 0.0))
         self.scale = float(norm.get("norm_scale", 1.0))
         self.terms = []
-        for comp in cfg.rewards:
-            fn = None if comp.type == "model" else resolve_rule(comp.name, **comp.params)
+        for i, comp in enumerate(cfg.rewards):
+            what = f'ppo.rewards[{i}] ({comp.type} "{comp.name}")'
+            try:
+                fn = None if comp.type == "model" else resolve_rule(comp.name, **comp.params)
+            except ValueError as exc:
+                raise PipelineError(f"{what}: {exc}") from None
             label = "model" if comp.type == "model" else comp.name.split(":")[-1]
-            self.terms.append((comp.type, label, comp.weight, fn))
+            self.terms.append((comp.type, label, comp.weight, fn, what, ":" in comp.name))
 
     @torch.no_grad()
     def __call__(self, rollout_ids, attention, prompts, responses, metas, has_eos):
@@ -187,14 +193,18 @@ class RewardFunction:
         score = torch.zeros(b)
         cost = torch.zeros(b)
         parts: dict[str, torch.Tensor] = {}
-        for kind, label, weight, fn in self.terms:
+        for kind, label, weight, fn, what, user in self.terms:
             if kind == "model":
                 raw = self.reward_model(rollout_ids, attention).cpu()
                 value = ((raw + self.bias) * self.scale).clamp(-self.cfg.reward_clip,
                                                                self.cfg.reward_clip)
                 parts["rm_raw"] = raw
             else:
-                value = torch.tensor(fn(prompts, responses, metas), dtype=torch.float32)
+                # User code: an exception or a result that is not one finite number per
+                # response stops the stage with one line naming the function.
+                values = (call_user(what, fn, b, prompts, responses, metas) if user
+                          else checked_values(what, fn(prompts, responses, metas), b))
+                value = torch.tensor(values, dtype=torch.float32)
             parts["model" if kind == "model" else f"{kind}/{label}"] = value
             if kind == "cost" and self.cfg.lagrangian:
                 cost += weight * value
@@ -288,13 +298,17 @@ def run(cfg: Config) -> Path:
     c = cfg.ppo
     accelerator = make_accelerator(cfg, c.mixed_precision)
     stage = StageDir(cfg, "ppo", accelerator.is_main_process)
-    stage.start()
-    resume_from = resume_point(stage.checkpoints, cfg.run.resume)
+    # Everything that can refuse the run does so before stage.start() clears an old ppo dir.
+    stage.check()
+    resume_from = resume_checkpoint(stage, cfg)
+    guard = Guard("ppo", stage.checkpoints, unit="update")
     world = accelerator.num_processes
 
     # --- Setup ---------------------------------------------------------------------------------
     sft = open_parent(stage_dir(cfg, "sft", c.policy), "sft", "ppo.policy")
     rm = _reward_parent(cfg)
+    prompts = load_prompts(cfg.data.ppo, limit=c.num_prompts)
+    conversations = load_sft_conversations(cfg.data.sft) if c.ptx_coef > 0 else []
     with accelerator.main_process_first():
         policy, reference, critic, reward_scores, tok = build_models(cfg, sft, rm, accelerator)
     tok_sha = tokenizer_sha256(tok)
@@ -305,17 +319,13 @@ def run(cfg: Config) -> Path:
     reward_fn = RewardFunction(c, reward_scores, rm.extras if rm is not None else {})
     stops = sorted(eos_ids(tok, policy.model))
 
-    prompts = load_prompts(cfg.data.ppo, limit=c.num_prompts)
     encoded = [encode_prompt(tok, p.prompt, cfg.data.max_prompt_tokens) for p in prompts]
-    demos = []
-    if c.ptx_coef > 0:
-        demos = [tokenize_conversation(tok, m, cfg.data.max_prompt_tokens, cfg.sft.max_seq_len)
-                 for m in load_sft_conversations(cfg.data.sft)]
+    demos = [tokenize_conversation(tok, m, cfg.data.max_prompt_tokens, cfg.sft.max_seq_len)
+             for m in conversations]
     judge = None
     if c.gold_judge and all(p.reference for p in prompts):
-        from stages.judge import load_judge
-
-        judge = load_judge(c.gold_judge)
+        judge = load_checked_judge("ppo.gold_judge", c.gold_judge)
+    stage.start()
 
     optim_steps = c.num_updates * c.ppo_epochs * c.num_minibatches
     policy_opt = make_optimizer(policy, c.lr, c)
@@ -339,6 +349,7 @@ def run(cfg: Config) -> Path:
     if resume_from is not None:
         state = load_checkpoint(resume_from, accelerator, models=models, optimizers=optimizers)
         update, cursor, ptx_cursor = state["step"], state["cursor"], state["ptx_cursor"]
+        check_budget("ppo", update, c.num_updates, "ppo.num_updates")
         kl_ctl.load_state_dict(state["kl_ctl"])
         lagrange.load_state_dict(state["lagrange"])
     tracker = Tracker(cfg, "ppo", stage.path, accelerator.is_main_process,
@@ -387,6 +398,8 @@ def run(cfg: Config) -> Path:
         with accelerator.autocast():
             scores, costs, parts = reward_fn(ids, attention, [p.prompt for p in batch_prompts],
                                              texts, metas, has_eos)
+        for name, value in parts.items():
+            guard.check_tensor(update + 1, f"reward {name}", value)
         scores = scores.to(accelerator.device)
         costs = costs.to(accelerator.device)
         gold = None
@@ -435,6 +448,9 @@ def run(cfg: Config) -> Path:
             gamma=c.gamma, lam=c.lam, whiten_rewards=c.whiten_rewards,
             whiten_advantages=c.whiten_advantages, costs=costs if c.lagrangian else None,
             cost_values=cost_values, multiplier=lagrange.value, all_reduce=all_reduce)
+        # Before the update: a NaN here would reach the weights through the losses.
+        guard.check_tensor(update + 1, "KL to the reference", adv.sequence_kl)
+        guard.check_tensor(update + 1, "advantage", adv.advantages)
         rollout = Rollout(query, query_mask, response, mask, logprobs, ref_logprobs, values,
                           cost_values, scores, costs, adv.advantages, adv.returns,
                           adv.cost_returns)
@@ -443,7 +459,7 @@ def run(cfg: Config) -> Path:
         t2 = time.time()
         stats = ppo_update(c, rollout, orders, first, policy, critic, policy_opt, critic_opt,
                            policy_sched, critic_sched, accelerator, train_policy, demos,
-                           ptx_cursor, tok.pad_token_id)
+                           ptx_cursor, tok.pad_token_id, guard, update + 1)
         del first
         ptx_cursor += c.ptx_batch_size * c.ppo_epochs * c.num_minibatches if demos else 0
         t_train = time.time() - t2
@@ -510,7 +526,7 @@ def run(cfg: Config) -> Path:
                             optimizers=optimizers,
                             state={"cursor": cursor, "ptx_cursor": ptx_cursor,
                                    "kl_ctl": kl_ctl.state_dict(),
-                                   "lagrange": lagrange.state_dict()})
+                                   "lagrange": lagrange.state_dict()}, config=cfg)
     bar.close()
 
     # --- Save ----------------------------------------------------------------------------------
@@ -536,10 +552,13 @@ def run(cfg: Config) -> Path:
 def ppo_update(c: PPOConfig, rollout: Rollout, orders: list[torch.Tensor],
                first: FirstForward | None, policy, critic, policy_opt, critic_opt,
                policy_sched, critic_sched, accelerator, train_policy: bool,
-               demos: list, ptx_cursor: int, pad_id: int) -> dict[str, float]:
+               demos: list, ptx_cursor: int, pad_id: int, guard: Guard | None = None,
+               update: int = 0) -> dict[str, float]:
     """PPO epochs over the minibatches that ``orders`` defines (one permutation per epoch);
     ``first`` holds the forward of epoch 1's first minibatch. Returns the mean of each loss
-    statistic."""
+    statistic. ``guard`` checks every loss and gradient norm before the optimizer applies it
+    (under fp16 an infinite norm is the loss scaler's overflow signal, so it is not checked)."""
+    check_grad = guard is not None and accelerator.scaler is None
     n = rollout.response.shape[0]
     size = n // c.num_minibatches
     totals: dict[str, float] = {}
@@ -570,9 +589,14 @@ def ppo_update(c: PPOConfig, rollout: Rollout, orders: list[torch.Tensor],
                                    c.ptx_batch_size, pad_id, accelerator.device)
                     loss = loss + c.ptx_coef * ptx
                     stats["loss/ptx"] = ptx.detach()
+                if guard is not None:
+                    guard.check(update, **{"policy loss": float(loss.detach())})
                 accelerator.backward(loss)
                 stats["policy/grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(),
                                                                         c.max_grad_norm)
+                if check_grad:
+                    guard.check(update, **{"policy gradient norm":
+                                           float(stats["policy/grad_norm"])})
                 policy_opt.step()
                 policy_opt.zero_grad()
                 stats.update({"loss/policy": pg_loss.detach(),
@@ -584,9 +608,13 @@ def ppo_update(c: PPOConfig, rollout: Rollout, orders: list[torch.Tensor],
                 cost_loss, _ = ops.value_loss(v[..., 1], mb.cost_values, mb.cost_returns,
                                               mb.mask, c.clip_range_value)
                 vf_loss = vf_loss + cost_loss
+            if guard is not None:
+                guard.check(update, **{"value loss": float(vf_loss.detach())})
             accelerator.backward(c.vf_coef * vf_loss)
             stats["val/grad_norm"] = accelerator.clip_grad_norm_(critic.parameters(),
                                                                  c.max_grad_norm)
+            if check_grad:
+                guard.check(update, **{"value gradient norm": float(stats["val/grad_norm"])})
             critic_opt.step()
             critic_opt.zero_grad()
             policy_sched.step()

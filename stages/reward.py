@@ -25,7 +25,7 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from pipeline.config import Config
-from pipeline.data import DataError, load_prompts, load_ranked, read_jsonl
+from pipeline.data import DataError, PromptExample, load_prompts, load_ranked, read_jsonl
 from pipeline.errors import PipelineError
 from pipeline.models import (
     apply_lora,
@@ -43,13 +43,15 @@ from pipeline.runtime import make_accelerator
 from pipeline.text import encode_prompt, generate, pad
 from pipeline.tracking import Tracker
 from pipeline.training import (
+    Guard,
     LoopState,
     Window,
     build_optimizer,
     build_scheduler,
+    check_budget,
     load_checkpoint,
     optimizer_steps,
-    resume_point,
+    resume_checkpoint,
     save_checkpoint,
 )
 from stages.judge import gold_ranks
@@ -214,7 +216,8 @@ def as_logged(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def normalization(scorer: torch.nn.Module, policy, tok, cfg: Config,
-                  accelerator: Accelerator) -> tuple[dict, dict]:
+                  accelerator: Accelerator,
+                  prompts: list[PromptExample] | None = None) -> tuple[dict, dict]:
     """Score the SFT policy's samples on PPO prompts; (extras, raw metrics).
 
     Normalizing on the policy PPO starts from puts its initial rewards at mean 0 / std 1,
@@ -226,7 +229,8 @@ def normalization(scorer: torch.nn.Module, policy, tok, cfg: Config,
     n = c.norm_samples
     if n == 0:
         return {"norm_bias": 0.0, "norm_scale": 1.0, "norm_samples": 0}, {}
-    prompts = load_prompts(cfg.data.ppo, limit=n)
+    if prompts is None:
+        prompts = load_prompts(cfg.data.ppo, limit=n)
     # Fewer prompts than samples: cycle them; sampling makes the repeats different responses.
     mine = [encode_prompt(tok, prompts[i % len(prompts)].prompt, cfg.data.max_prompt_tokens)
             for i in range(accelerator.process_index, n, accelerator.num_processes)]
@@ -280,10 +284,13 @@ def run(cfg: Config) -> Path:
 
     accelerator = make_accelerator(cfg, c.mixed_precision, c.grad_accum_steps)
     stage = StageDir(cfg, "rm", accelerator.is_main_process)
-    stage.start()
-    resume_from = resume_point(stage.checkpoints, cfg.run.resume)
+    # Everything that can refuse the run does so before stage.start() clears an old rm dir.
+    stage.check()
+    resume_from = resume_checkpoint(stage, cfg)
+    guard = Guard("rm", stage.checkpoints)
 
     # --- Setup: data, model, optimizer ---------------------------------------------------------
+    norm_prompts = load_prompts(cfg.data.ppo, limit=c.norm_samples) if c.norm_samples else []
     examples = load_ranked(source)
     golds = gold_rankings(source, len(examples))
     groups, truncated = [], 0
@@ -307,6 +314,7 @@ def run(cfg: Config) -> Path:
         backbone.gradient_checkpointing_enable()
     scorer = ScoreModel(backbone)
     n_trainable, n_total = trainable_parameters(scorer)
+    stage.start()
 
     shuffler = torch.Generator()
     loader = DataLoader(train_groups, batch_size=c.batch_size, shuffle=True, generator=shuffler,
@@ -332,9 +340,12 @@ def run(cfg: Config) -> Path:
     if resume_from is not None:
         state = load_checkpoint(resume_from, accelerator, **checkpointed)
         loop = LoopState.from_checkpoint(state)
+        check_budget("rm", loop.step, total_steps,
+                     "rm.max_steps" if c.max_steps > 0 else "rm.epochs")
         before = state["before"]
     else:
         before, _ = run_eval()
+        guard.check(0, **{f"held-out {k}": v for k, v in before.items()})
     tracker = Tracker(cfg, "rm", stage.path, accelerator.is_main_process,
                       resume_step=loop.step if resume_from else None)
     if not resume_from:
@@ -353,7 +364,8 @@ def run(cfg: Config) -> Path:
     bar = progress(total_steps, "rm", enabled=cfg.tracking.progress and
                    accelerator.is_main_process, initial=loop.step)
     for out in optimizer_steps(accelerator, scorer, optimizer, scheduler, loader, shuffler,
-                               cfg.run.seed, loop, total_steps, c.max_grad_norm, compute_loss):
+                               cfg.run.seed, loop, total_steps, c.max_grad_norm, compute_loss,
+                               guard):
         step = loop.step
         bar.update(1)
         window.add(out.sums)
@@ -375,10 +387,12 @@ def run(cfg: Config) -> Path:
                     sequences_seen * accelerator.num_processes / (time.time() - start),
             }, step=step)
         if c.eval_every and step % c.eval_every == 0 and step < total_steps:
-            tracker.log(as_logged(run_eval()[0]), step=step)
+            periodic = run_eval()[0]
+            tracker.log(as_logged(periodic), step=step)
+            guard.check(step, **{f"held-out {k}": v for k, v in periodic.items()})
         if c.save_every and step % c.save_every == 0 and step < total_steps:
             save_checkpoint(stage.checkpoints, step, accelerator, **checkpointed,
-                            state={**loop.as_dict(), "before": before})
+                            state={**loop.as_dict(), "before": before}, config=cfg)
     bar.close()
     train_seconds = time.time() - start
     step = loop.step
@@ -386,12 +400,15 @@ def run(cfg: Config) -> Path:
     # --- Final eval, normalization, samples ----------------------------------------------------
     after, calibration = run_eval()
     tracker.log(as_logged(after), step=step)
+    guard.check(step, **{f"held-out {k}": v for k, v in after.items()})
     reward_model = merged(accelerator.unwrap_model(scorer).model)
     final = ScoreModel(reward_model)
     policy, _ = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(sft.model_dir))
     norm, norm_metrics = normalization(final, policy.to(accelerator.device), tok, cfg,
-                                       accelerator)
+                                       accelerator, norm_prompts)
     del policy
+    # A NaN mean or std would make every normalized reward PPO reads NaN.
+    guard.check(step, **{f"normalization {k[5:]}": v for k, v in norm_metrics.items()})
     tracker.log({f"norm/{k[5:]}": v for k, v in norm_metrics.items()}, step=step)
     if accelerator.is_main_process:
         samples = sample_rows(final, eval_groups[:NUM_SAMPLES], norm, tok.pad_token_id,

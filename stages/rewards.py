@@ -4,23 +4,37 @@ Every rule has the signature f(prompts, responses, metas, **params) -> list[floa
 per response. `no_headword` and `length_bounds` are rewards (0 is fine, negative is a
 penalty); `profanity_cost` is a cost in [0, 1] (higher is worse), meant for a constrained
 objective rather than being added to the reward.
+
+User code ("module:function" rules, costs and judges) runs through ``call_user``: whatever it
+raises or returns that is not one finite number per response stops the stage with one line
+naming the function and the first bad value, instead of a traceback or a NaN that would
+train on silently.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import math
+import numbers
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+from pipeline.errors import PipelineError
 from stages.headword import headword, headword_pattern
-from stages.judge import import_callable
+from stages.judge import import_callable, load_judge
 
 __all__ = [
     "BUILTIN_RULES",
     "RuleFn",
+    "UserJudge",
+    "call_user",
+    "checked_values",
     "headword",
+    "load_checked_judge",
     "length_bounds",
     "no_headword",
     "profanity_cost",
@@ -150,3 +164,85 @@ def resolve_rule(name_or_path: str, **params: Any) -> RuleFn:
     except ValueError:  # no introspectable signature (some builtins); let the call decide
         pass
     return functools.partial(fn, **params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checked calls of user code
+# ---------------------------------------------------------------------------------------------
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def checked_values(what: str, result: Any, n: int) -> list[float]:
+    """``result`` as ``n`` floats, or a PipelineError naming ``what`` and the first bad value.
+
+    Accepted: a list, tuple, 1-D numpy array or 1-D tensor of ``n`` real numbers (ints and
+    numpy scalars included), all finite. Refused: None, a scalar, strings (even "0.5": a
+    string score is a bug in the function, not a number), booleans, nested lists, a wrong
+    length, NaN and infinities.
+    """
+    # numpy arrays and tensors, without importing torch here (config validation imports this).
+    if getattr(result, "ndim", None) == 1 and hasattr(result, "tolist"):
+        values = result.tolist()
+    elif isinstance(result, (list, tuple)):
+        values = list(result)
+    else:
+        raise PipelineError(f"{what} returned {type(result).__name__} {_shown(result)}; "
+                            f"expected a list of {n} numbers, one per response")
+    if len(values) != n:
+        raise PipelineError(f"{what} returned {len(values)} values for {n} responses; "
+                            "expected one number per response")
+    out = []
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise PipelineError(f"{what} returned {type(value).__name__} {_shown(value)} for "
+                                f"response {i}; expected a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise PipelineError(f"{what} returned {value} for response {i}; expected a "
+                                "finite number")
+        out.append(value)
+    return out
+
+
+def call_user(what: str, fn: Callable[..., Any], n: int, *args: Any) -> list[float]:
+    """``fn(*args)`` checked by ``checked_values``; an exception it raises becomes one line
+    naming ``what``, the exception and the line of user code it came from."""
+    try:
+        result = fn(*args)
+    except Exception as exc:
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+        message = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise PipelineError(f"{what} raised {type(exc).__name__}{where}: {message}") from None
+    return checked_values(what, result, n)
+
+
+class UserJudge:
+    """A "module:function" judge, f(prompts, responses, references) -> scores, called through
+    ``call_user``."""
+
+    def __init__(self, key: str, spec: str) -> None:
+        self.name = spec
+        self.what = f'{key}="{spec}"'
+        try:
+            self._fn = import_callable(spec, "judge")
+        except ValueError as exc:
+            raise PipelineError(f"{key}: {exc}") from None
+
+    def score(self, prompts: list[str], responses: list[str], references: list[str]) -> list[float]:
+        return call_user(self.what, self._fn, len(responses), prompts, responses, references)
+
+
+def load_checked_judge(key: str, spec: str, **kwargs: Any):
+    """The judge ``spec`` names: a checked ``UserJudge`` for "module:function", else the
+    built-in (kwargs go to it)."""
+    if ":" in spec:
+        return UserJudge(key, spec)
+    try:
+        return load_judge(spec, **kwargs)
+    except (ValueError, ImportError, FileNotFoundError) as exc:
+        raise PipelineError(f"{key}={spec!r}: {exc}") from None

@@ -31,13 +31,15 @@ from pipeline.runtime import make_accelerator
 from pipeline.text import IGNORE_INDEX, decode, encode_prompt, generate, pad, tokenize_conversation
 from pipeline.tracking import Tracker
 from pipeline.training import (
+    Guard,
     LoopState,
     Window,
     build_optimizer,
     build_scheduler,
+    check_budget,
     load_checkpoint,
     optimizer_steps,
-    resume_point,
+    resume_checkpoint,
     save_checkpoint,
 )
 
@@ -79,10 +81,14 @@ def run(cfg: Config) -> Path:
     c = cfg.sft
     accelerator = make_accelerator(cfg, c.mixed_precision, c.grad_accum_steps)
     stage = StageDir(cfg, "sft", accelerator.is_main_process)
-    stage.start()
-    resume_from = resume_point(stage.checkpoints, cfg.run.resume)
+    # Everything that can refuse the run does so before stage.start() clears an old sft dir.
+    stage.check()
+    resume_from = resume_checkpoint(stage, cfg)
+    guard = Guard("sft", stage.checkpoints)
 
-    # --- Setup: model, data, optimizer ------------------------------------------------------
+    # --- Setup: data, model, optimizer ------------------------------------------------------
+    conversations = load_sft_conversations(cfg.data.sft)
+    sample_prompts = load_prompts(cfg.data.eval, limit=c.num_samples) if c.num_samples else []
     with accelerator.main_process_first():
         model, tok = load_policy(cfg.model, seed=cfg.run.seed)
     if cfg.model.lora.enabled:
@@ -91,7 +97,6 @@ def run(cfg: Config) -> Path:
         model.gradient_checkpointing_enable()
     n_trainable, n_total = trainable_parameters(model)
 
-    conversations = load_sft_conversations(cfg.data.sft)
     random.Random(cfg.run.seed).shuffle(conversations)
     eval_rows, train_rows = conversations[: c.eval_size], conversations[c.eval_size:]
     if c.train_size is not None:
@@ -102,6 +107,7 @@ def run(cfg: Config) -> Path:
                 for m in rows]
 
     train_set, eval_set = encode(train_rows), encode(eval_rows)
+    stage.start()
     generator = torch.Generator().manual_seed(cfg.run.seed)
     train_loader = DataLoader(train_set, batch_size=c.batch_size, shuffle=True,
                               generator=generator,
@@ -127,9 +133,12 @@ def run(cfg: Config) -> Path:
     if resume_from is not None:
         state = load_checkpoint(resume_from, accelerator, **checkpointed)
         loop = LoopState.from_checkpoint(state)
+        check_budget("sft", loop.step, total_steps,
+                     "sft.max_steps" if c.max_steps > 0 else "sft.epochs")
         metrics["eval_loss_before"] = state["eval_loss_before"]
     else:
         metrics["eval_loss_before"] = eval_loss(model, eval_loader, accelerator)
+        guard.check(0, **{"eval loss": metrics["eval_loss_before"]})
     tracker = Tracker(cfg, "sft", stage.path, accelerator.is_main_process,
                       resume_step=loop.step if resume_from else None)
     if resume_from is None:  # a resumed run kept this row (step 0) in metrics.jsonl
@@ -148,7 +157,7 @@ def run(cfg: Config) -> Path:
                    accelerator.is_main_process, initial=loop.step)
     for out in optimizer_steps(accelerator, model, optimizer, scheduler, train_loader,
                                generator, cfg.run.seed, loop, total_steps, c.max_grad_norm,
-                               compute_loss):
+                               compute_loss, guard):
         step = loop.step
         bar.update(1)
         window.add(out.sums)
@@ -164,11 +173,14 @@ def run(cfg: Config) -> Path:
                 / (time.time() - start),
             }, step=step)
         if c.eval_every and step % c.eval_every == 0 and step < total_steps:
-            tracker.log({"eval/loss": eval_loss(model, eval_loader, accelerator)}, step=step)
+            loss = eval_loss(model, eval_loader, accelerator)
+            tracker.log({"eval/loss": loss}, step=step)
+            guard.check(step, **{"eval loss": loss})
         if c.save_every and step % c.save_every == 0 and step < total_steps:
             save_checkpoint(stage.checkpoints, step, accelerator, **checkpointed,
                             state={**loop.as_dict(),
-                                   "eval_loss_before": metrics["eval_loss_before"]})
+                                   "eval_loss_before": metrics["eval_loss_before"]},
+                            config=cfg)
     bar.close()
     train_seconds = time.time() - start
     step = loop.step
@@ -176,10 +188,11 @@ def run(cfg: Config) -> Path:
     # --- Final eval and samples ----------------------------------------------------------------
     metrics["eval_loss_after"] = eval_loss(model, eval_loader, accelerator)
     tracker.log({"eval/loss": metrics["eval_loss_after"]}, step=step)
+    guard.check(step, **{"eval loss": metrics["eval_loss_after"]})
     policy = merged(accelerator.unwrap_model(model))
     samples = []
     if accelerator.is_main_process and c.num_samples:
-        prompts = load_prompts(cfg.data.eval, limit=c.num_samples)
+        prompts = sample_prompts
         encoded = [encode_prompt(tok, p.prompt, cfg.data.max_prompt_tokens) for p in prompts]
         responses = generate(policy, tok, encoded, max_new_tokens=c.max_new_tokens,
                              temperature=0.0)
