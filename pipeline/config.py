@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib
+import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -459,6 +462,93 @@ def _validate_rewards(ppo: PPOConfig) -> list[str]:
     return problems
 
 
+_JUDGE_KEYS = ("label.judge", "ppo.gold_judge", "eval.judge")
+
+
+def _import_function(key: str, spec: str) -> tuple[Any, str | None]:
+    """(the callable "module:function" names, None) or (None, the problem)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr or ":" in attr:
+        return None, f'{key}={spec!r}: expected "module:function"'
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module may raise anything while it is imported
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        return None, (f"{key}={spec!r}: cannot import module {module_name!r} "
+                      f"({type(exc).__name__}: {first})")
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            return None, f"{key}={spec!r}: module {module_name!r} has no attribute {attr!r}"
+        obj = getattr(obj, part)
+    if not callable(obj):
+        return None, f"{key}={spec!r}: {attr!r} is a {type(obj).__name__}, not a function"
+    return obj, None
+
+
+def _check_signature(key: str, spec: str, fn: Any, third: str, params: dict) -> str | None:
+    """Whether ``fn(prompts, responses, <third>, **params)`` binds to the signature."""
+    try:
+        inspect.signature(fn).bind([], [], [], **params)
+    except TypeError as exc:
+        extra = "".join(f", {k}=..." for k in params)
+        return f"{key}={spec!r}: cannot be called as f(prompts, responses, {third}{extra}): {exc}"
+    except ValueError:  # no introspectable signature (some builtins): the call decides
+        pass
+    return None
+
+
+def _validate_callables(cfg: Config) -> list[str]:
+    """Rule/cost names and judges resolved now, so a typo or a broken user module is one line
+    at start rather than a traceback after the models loaded. Importing a "module:function"
+    runs that module's top-level code, as the stage would."""
+    problems = []
+    for i, comp in enumerate(cfg.ppo.rewards):
+        if comp.type not in ("rule", "cost") or not comp.name:
+            continue
+        key = f"ppo.rewards[{i}].name"
+        if ":" in comp.name:
+            fn, problem = _import_function(key, comp.name)
+        else:
+            # Imported here, not at the top: stages depend on this module, not the reverse.
+            from stages.rewards import BUILTIN_RULES
+
+            fn = BUILTIN_RULES.get(comp.name)
+            problem = None if fn is not None else (
+                f"{key}={comp.name!r}: unknown rule; expected one of "
+                f"{', '.join(BUILTIN_RULES)} or \"module:function\"")
+        if problem is None and not isinstance(comp.params, dict):
+            problem = f"ppo.rewards[{i}].params={comp.params!r}: expected a mapping"
+        if problem is None:
+            problem = _check_signature(key, comp.name, fn, "metas", comp.params)
+        if problem:
+            problems.append(problem)
+    for key in _JUDGE_KEYS:
+        spec = _get(cfg, key)
+        if spec == "minilm" or (key == "ppo.gold_judge" and spec == ""):
+            continue
+        if ":" not in spec:
+            problems.append(f"{key}={spec!r}: unknown judge; expected \"minilm\" or "
+                            "\"module:function\"" + (" (or \"\" for none)"
+                                                      if key == "ppo.gold_judge" else ""))
+            continue
+        fn, problem = _import_function(key, spec)
+        problem = problem or _check_signature(key, spec, fn, "references", {})
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def _validate_run_root(run: RunConfig) -> list[str]:
+    """run.root and the run folder must be folders (or not exist yet): a file there would
+    only fail when the first stage creates its folder."""
+    for path, what in ((Path(run.root), f"run.root={run.root!r}"),
+                       (Path(run.root) / run.name, f"run.root/run.name ({run.root}/{run.name})")):
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            return [f"{what}: {existing} is a file, expected a folder"]
+    return []
+
+
 def validate(cfg: Config) -> list[str]:
     """Value checks that types alone can't express. Returns every problem found."""
     problems = []
@@ -513,8 +603,11 @@ def validate(cfg: Config) -> list[str]:
         problems.append(f"ppo.num_minibatches={cfg.ppo.num_minibatches}: must divide "
                         f"ppo.batch_size={cfg.ppo.batch_size}")
     problems += _validate_rewards(cfg.ppo)
+    problems += _validate_callables(cfg)
     if not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", ".."):
         problems.append(f"run.name={cfg.run.name!r}: expected a plain folder name")
+    else:
+        problems += _validate_run_root(cfg.run)
     if cfg.run.resume and cfg.run.overwrite:
         problems.append("run.resume=true and run.overwrite=true contradict each other")
     if cfg.model.init == "scratch" and cfg.model.lora.enabled:
@@ -579,12 +672,15 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     if tp is float:
         if isinstance(value, str):
             # YAML 1.1 reads "1e-4" (no dot) as a string; a float field means the number.
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{key}={value!r}: expected a number")
+            return value
+        # nan passes every range check (all comparisons are false) and inf overflows later;
+        # no float setting of the pipeline means either.
+        if not math.isfinite(value):
+            problems.append(f"{key}={value!r}: expected a finite number")
             return value
         return float(value)
     if tp is str:
