@@ -61,12 +61,29 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# Leading bytes of compressed files someone may pass for JSONL.
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"PK\x03\x04": "zip",
+               b"\x28\xb5\x2f\xfd": "zstd"}
+
+
 def _iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        for magic, kind in _COMPRESSED.items():
+            if head.startswith(magic):
+                raise DataError(f"{path}: a {kind}-compressed file, expected JSONL text "
+                                "(decompress it first)")
+        handle.seek(0)
+        for number, raw in enumerate(handle, start=1):
+            try:
+                # A byte-order mark may open the file (some editors on Windows write one).
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} "
+                                f"at column {exc.start + 1}); JSONL files must be UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -296,6 +313,8 @@ def _parse_ranked_row(row: dict[str, Any]) -> RankedExample:
                 raise ValueError(f'"ranks"[{index}] must be an integer, got {_describe(rank)}')
         if len(set(ranks)) == 1:
             raise ValueError('all "ranks" are equal: no preference to learn from')
+        if len(set(responses)) == 1:
+            raise ValueError('all "responses" are identical: no preference to learn from')
         return RankedExample(
             prompt=prompt,
             responses=tuple(responses),
@@ -306,6 +325,9 @@ def _parse_ranked_row(row: dict[str, Any]) -> RankedExample:
         prompt = _required_text(row, "prompt")
         chosen = _required_text(row, "chosen")
         rejected = _required_text(row, "rejected")
+        if chosen == rejected:
+            # The same text cannot score both higher and lower: the pair only adds loss.
+            raise ValueError('"chosen" and "rejected" are identical: no preference to learn from')
         return RankedExample(
             prompt=prompt,
             responses=(chosen, rejected),

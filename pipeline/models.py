@@ -138,6 +138,21 @@ def resolve(name_or_path: str, cfg: ModelConfig) -> str:
     return name_or_path
 
 
+@contextlib.contextmanager
+def _no_remote_code(source: str):
+    """transformers refuses a model that ships its own code with a multi-line ValueError
+    (trust_remote_code off); say it in one line naming the model and the key that allows it."""
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise PipelineError(
+            f"model {source!r} ships its own Python code, and model.trust_remote_code is "
+            "false; read that code, then set model.trust_remote_code=true to run it"
+        ) from None
+
+
 def load_tokenizer(name_or_path: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """A tokenizer with a chat template and a pad token distinct from EOS.
 
@@ -145,9 +160,10 @@ def load_tokenizer(name_or_path: str, cfg: ModelConfig) -> PreTrainedTokenizerBa
     reward model's last-token lookup and from the policy's stopping signal.
     """
     location = resolve(name_or_path, cfg)
-    tok = AutoTokenizer.from_pretrained(
-        location, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-    )
+    with _no_remote_code(name_or_path):
+        tok = AutoTokenizer.from_pretrained(
+            location, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
     if tok.chat_template is None:
         tok.chat_template = FALLBACK_CHAT_TEMPLATE
     if cfg.system_prompt is not None and SYSTEM_MARKER not in tok.chat_template:
@@ -243,10 +259,11 @@ def load_policy(cfg: ModelConfig, seed: int = 0, name_or_path: str | None = None
     tok = load_tokenizer(source, cfg)
     if cfg.init == "scratch" and name_or_path is None:
         return build_scratch(cfg, tok, seed), tok
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve(source, cfg), dtype=DTYPES[cfg.dtype], revision=cfg.revision,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    with _no_remote_code(source):
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve(source, cfg), dtype=DTYPES[cfg.dtype], revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+        )
     return _finish(model, tok), tok
 
 
@@ -258,7 +275,8 @@ def load_reward_backbone(path: str, cfg: ModelConfig, tok: PreTrainedTokenizerBa
     so initial rewards have unit scale whatever the width.
     """
     location = resolve(path, cfg)
-    config = AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+    with _no_remote_code(path):
+        config = AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
     config.num_labels = 1
     config.pad_token_id = tok.pad_token_id
     with torch.random.fork_rng():
