@@ -481,7 +481,7 @@ def _import_function(key: str, spec: str) -> tuple[Any, str | None]:
             return None, f"{key}={spec!r}: module {module_name!r} has no attribute {attr!r}"
         obj = getattr(obj, part)
     if not callable(obj):
-        return None, f"{key}={spec!r}: {attr!r} is a {type(obj).__name__}, not a function"
+        return None, f"{key}={spec!r}: {attr!r} is not callable ({type(obj).__name__})"
     return obj, None
 
 

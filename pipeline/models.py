@@ -124,6 +124,27 @@ def packaged_model_dir(short_name: str, cfg: ModelConfig) -> Path:
     return target
 
 
+def _ships_code(folder: Path) -> bool:
+    """Whether a model folder can only be built by running the code it ships: an ``auto_map``
+    for a model type this transformers does not know."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict) or not config.get("auto_map"):
+        return False
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return config.get("model_type") not in CONFIG_MAPPING
+
+
+def _refuse_remote_code(source: str) -> PipelineError:
+    return PipelineError(
+        f"model {source!r} ships its own Python code, and model.trust_remote_code is false; "
+        "read that code, then set model.trust_remote_code=true to run it"
+    )
+
+
 def resolve(name_or_path: str, cfg: ModelConfig) -> str:
     """A loadable location: a local folder path or a hub id."""
     if name_or_path in PACKAGED:
@@ -132,6 +153,10 @@ def resolve(name_or_path: str, cfg: ModelConfig) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise PipelineError(f"{path}: not a Hugging Face model folder (no config.json)")
+        # Checked before transformers sees it: its own refusal is a multi-line error, after
+        # log lines that can themselves fail to format.
+        if not cfg.trust_remote_code and _ships_code(path):
+            raise _refuse_remote_code(name_or_path)
         return str(path)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise PipelineError(f"model {name_or_path!r}: no such folder")
@@ -140,17 +165,14 @@ def resolve(name_or_path: str, cfg: ModelConfig) -> str:
 
 @contextlib.contextmanager
 def _no_remote_code(source: str):
-    """transformers refuses a model that ships its own code with a multi-line ValueError
+    """transformers refuses a hub model that ships its own code with a multi-line ValueError
     (trust_remote_code off); say it in one line naming the model and the key that allows it."""
     try:
         yield
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
             raise
-        raise PipelineError(
-            f"model {source!r} ships its own Python code, and model.trust_remote_code is "
-            "false; read that code, then set model.trust_remote_code=true to run it"
-        ) from None
+        raise _refuse_remote_code(source) from None
 
 
 def load_tokenizer(name_or_path: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:

@@ -299,12 +299,14 @@ class Guard:
                 self.fail(step, f"{name} is {value}")
 
     def check_tensor(self, step: int, name: str, tensor: torch.Tensor) -> None:
-        """Every element finite; otherwise name the first bad one."""
+        """Every element of a per-response (B,) or (B, T) tensor finite; else name the first
+        bad one."""
         bad = ~torch.isfinite(tensor.detach())
         if bool(bad.any()):
             index = tuple(int(i) for i in bad.nonzero()[0])
-            where = f"[{', '.join(map(str, index))}]" if index else ""
-            self.fail(step, f"{name}{where} is {float(tensor.detach()[index])}")
+            where = ", ".join(f"{unit} {i}" for unit, i in zip(("response", "token"), index))
+            value = float(tensor.detach()[index])
+            self.fail(step, f"{name} is {value}" + (f" ({where})" if where else ""))
 
     def fail(self, step: int, what: str) -> None:
         latest = latest_checkpoint(self.checkpoints)
@@ -312,8 +314,8 @@ class Guard:
                 if latest is not None else "no checkpoint was saved before it")
         raise NonFiniteError(
             f"{self.stage}: stopped at {self.unit} {step}: {what}, not a finite number (a "
-            f"learning rate too high for the model is the usual cause); the stage was not "
-            f"marked complete; {kept}"
+            f"learning rate too high for the model is the usual cause); nothing was marked "
+            f"complete; {kept}"
         )
 
 
