@@ -270,8 +270,20 @@ def resume_checkpoint(stage, cfg: Config) -> Path | None:
     return path
 
 
-def check_budget(stage: str, step: int, total: int, key: str) -> None:
-    """A resumed stage whose new budget ends before its checkpoint cannot continue."""
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint was written at (from its state.json)."""
+    try:
+        return int(json.loads((path / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _damaged(path / "state.json", exc) from None
+
+
+def check_budget(stage: str, checkpoint: Path | None, total: int, key: str) -> None:
+    """A resumed stage whose new budget ends before its checkpoint cannot continue; checked
+    before the stage folder is touched."""
+    if checkpoint is None:
+        return
+    step = checkpoint_step(checkpoint)
     if step > total:
         raise PipelineError(f"{stage}: the checkpoint is at step {step}, past the new budget "
                             f"of {total} steps ({key}); raise it or start the stage again")

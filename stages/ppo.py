@@ -301,6 +301,7 @@ def run(cfg: Config) -> Path:
     # Everything that can refuse the run does so before stage.start() clears an old ppo dir.
     stage.check()
     resume_from = resume_checkpoint(stage, cfg)
+    check_budget("ppo", resume_from, c.num_updates, "ppo.num_updates")
     guard = Guard("ppo", stage.checkpoints, unit="update")
     world = accelerator.num_processes
 
@@ -349,7 +350,6 @@ def run(cfg: Config) -> Path:
     if resume_from is not None:
         state = load_checkpoint(resume_from, accelerator, models=models, optimizers=optimizers)
         update, cursor, ptx_cursor = state["step"], state["cursor"], state["ptx_cursor"]
-        check_budget("ppo", update, c.num_updates, "ppo.num_updates")
         kl_ctl.load_state_dict(state["kl_ctl"])
         lagrange.load_state_dict(state["lagrange"])
     tracker = Tracker(cfg, "ppo", stage.path, accelerator.is_main_process,

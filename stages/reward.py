@@ -314,7 +314,6 @@ def run(cfg: Config) -> Path:
         backbone.gradient_checkpointing_enable()
     scorer = ScoreModel(backbone)
     n_trainable, n_total = trainable_parameters(scorer)
-    stage.start()
 
     shuffler = torch.Generator()
     loader = DataLoader(train_groups, batch_size=c.batch_size, shuffle=True, generator=shuffler,
@@ -322,6 +321,9 @@ def run(cfg: Config) -> Path:
     steps_per_epoch = max(1, math.ceil(len(loader) / accelerator.num_processes
                                        / c.grad_accum_steps))
     total_steps = c.max_steps if c.max_steps > 0 else steps_per_epoch * c.epochs
+    check_budget("rm", resume_from, total_steps,
+                 "rm.max_steps" if c.max_steps > 0 else "rm.epochs")
+    stage.start()
     optimizer = build_optimizer(scorer, c.lr, c.weight_decay)
     # A prepared scheduler steps once per process at every optimizer step (accelerate assumes
     # a length counted before sharding), so its horizon is counted the same way.
@@ -340,8 +342,6 @@ def run(cfg: Config) -> Path:
     if resume_from is not None:
         state = load_checkpoint(resume_from, accelerator, **checkpointed)
         loop = LoopState.from_checkpoint(state)
-        check_budget("rm", loop.step, total_steps,
-                     "rm.max_steps" if c.max_steps > 0 else "rm.epochs")
         before = state["before"]
     else:
         before, _ = run_eval()

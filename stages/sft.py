@@ -107,7 +107,6 @@ def run(cfg: Config) -> Path:
                 for m in rows]
 
     train_set, eval_set = encode(train_rows), encode(eval_rows)
-    stage.start()
     generator = torch.Generator().manual_seed(cfg.run.seed)
     train_loader = DataLoader(train_set, batch_size=c.batch_size, shuffle=True,
                               generator=generator,
@@ -118,6 +117,9 @@ def run(cfg: Config) -> Path:
     steps_per_epoch = max(1, math.ceil(len(train_loader) / accelerator.num_processes
                                        / c.grad_accum_steps))
     total_steps = c.max_steps if c.max_steps > 0 else steps_per_epoch * c.epochs
+    check_budget("sft", resume_from, total_steps,
+                 "sft.max_steps" if c.max_steps > 0 else "sft.epochs")
+    stage.start()
     optimizer = build_optimizer(model, c.lr, c.weight_decay)
     # accelerate's prepared scheduler steps once per process on every optimizer step.
     scheduler = build_scheduler(optimizer, c.lr_scheduler, total_steps * accelerator.num_processes,
@@ -133,8 +135,6 @@ def run(cfg: Config) -> Path:
     if resume_from is not None:
         state = load_checkpoint(resume_from, accelerator, **checkpointed)
         loop = LoopState.from_checkpoint(state)
-        check_budget("sft", loop.step, total_steps,
-                     "sft.max_steps" if c.max_steps > 0 else "sft.epochs")
         metrics["eval_loss_before"] = state["eval_loss_before"]
     else:
         metrics["eval_loss_before"] = eval_loss(model, eval_loader, accelerator)
