@@ -82,11 +82,11 @@ def test_pipeline_resume_skips_finished_stages(tiny_sft_run, tmp_path, capsys):
     run = tmp_path / "runs" / "r"
     shutil.copytree(tiny_sft_run, run / "sft")
 
-    # label is the first unfinished stage; a resume without its checkpoint folder reruns it
-    # from the start, and a bad judge name makes it stop there with exit 1.
+    # label is the first unfinished stage; with no checkpoint it runs from the start, and a
+    # judge that raises makes it stop there with exit 1.
     code = main(["pipeline", "--config", str(REPO / "configs" / "quick.yaml"),
                  f"run.root={tmp_path / 'runs'}", "run.name=r", "run.resume=true",
-                 "label.judge=no_such_judge"])
+                 "label.judge=tests.faults.user_code:judge_raises"])
     out = capsys.readouterr()
     assert "[sft] already complete, skipped" in out.out
-    assert code == 1 and "no_such_judge" in out.err
+    assert code == 1 and "judge_raises" in out.err
