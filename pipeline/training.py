@@ -23,6 +23,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -107,10 +108,17 @@ def save_checkpoint(folder: Path, step: int, accelerator: Accelerator, *,
     accelerator.wait_for_everyone()
 
 
+def _first_sentence(exc: BaseException) -> str:
+    """The gist of a library's (often multi-line, sometimes coloured) error message."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    first = (text.splitlines() or [""])[0].split(". ")[0]
+    return first[:160] or type(exc).__name__
+
+
 def _damaged(file: Path, exc: BaseException) -> PipelineError:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return PipelineError(
-        f"{file}: cannot read this checkpoint file ({type(exc).__name__}: {first[:200]}); "
+        f"{file}: cannot read this checkpoint file ({type(exc).__name__}: "
+        f"{_first_sentence(exc)}); "
         f"it is damaged or was not written by this pipeline. Point {file.parent.parent}/latest "
         "at an earlier step-* folder, or start the stage again without run.resume"
     )
@@ -121,10 +129,13 @@ def _load_tensors(file: Path) -> Any:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        wanted = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f"it asks for {wanted.group(1)}" if wanted else _first_sentence(exc)
         raise PipelineError(
             f"{file}: refused to load: it holds objects other than tensors and plain values "
-            f"({(str(exc).strip().splitlines() or [''])[0][:160]}), so it was not written by "
-            "this pipeline and unpickling it could run code"
+            f"({what}), so something else wrote "
+            "it (or a version of this pipeline from before checkpoints were plain data), and "
+            "unpickling it could run code; start the stage again without run.resume"
         ) from None
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
         raise _damaged(file, exc) from None
