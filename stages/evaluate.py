@@ -16,6 +16,7 @@ Output: ``eval/results.json``, ``eval/samples.jsonl``, ``metrics.jsonl`` and the
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,18 +27,17 @@ from accelerate.utils import gather_object
 
 from pipeline.config import Config
 from pipeline.data import DataError, PromptExample, load_prompts
-from pipeline.errors import PipelineError
 from pipeline.models import load_policy, load_reward_model, position_ids, tokenizer_sha256
 from pipeline.rundir import Parent, StageDir, atomic_write_json, check_same_tokenizer, open_parent
 from pipeline.rundir import stage_dir as parent_dir
 from pipeline.runtime import make_accelerator
 from pipeline.text import decode, encode_prompt, eos_ids, generate, left_pad_prompts, pad
 from pipeline.tracking import Tracker
+from pipeline.training import NonFiniteError
 from stages import ops
-from stages.judge import load_judge
 from stages.ppo import response_logprobs
 from stages.reward import score_sequences
-from stages.rewards import length_bounds, no_headword, profanity_cost
+from stages.rewards import length_bounds, load_checked_judge, no_headword, profanity_cost
 from stages.scoring import PolicyModel, ScoreModel
 
 LETTERS = ("A", "B", "C", "D")
@@ -351,10 +351,8 @@ def run(cfg: Config) -> Path:
     for parent, role in ((sft, "eval.sft"), (ppo, "eval.ppo"), (rm, "eval.reward_model")):
         if parent is not None:
             check_same_tokenizer(tok_sha, parent, role)
-    try:
-        judge = load_judge(c.judge, **({"device": str(device)} if c.judge == "minilm" else {}))
-    except (ValueError, ImportError, FileNotFoundError) as exc:
-        raise PipelineError(f"eval.judge={c.judge!r}: {exc}") from None
+    judge = load_checked_judge("eval.judge", c.judge,
+                               **({"device": str(device)} if c.judge == "minilm" else {}))
     reward_model = None
     if rm is not None:
         reward_model = ScoreModel(load_reward_model(rm.model_dir, cfg.model, tok)).to(device)
@@ -483,6 +481,12 @@ def run(cfg: Config) -> Path:
 
     metrics = headline(results)
     metrics["wall_seconds"] = round(time.time() - wall_start, 2)
+    # A NaN gold score or KL (a diverged policy, a broken reward model) must not be written up
+    # as a result: nothing is marked complete.
+    bad = next((k for k, v in metrics.items()
+                if isinstance(v, float) and not math.isfinite(v)), None)
+    if bad is not None:
+        raise NonFiniteError(f"eval: {bad} is {metrics[bad]}; no results written")
     results["metrics"] = metrics
     if accelerator.is_main_process:
         atomic_write_json(stage.path / "results.json", results)

@@ -78,3 +78,14 @@ def test_label_judge(finished, tmp_path, capsys, function, pattern):
     assert code == 1
     error_line(err, rf'label\.judge="tests\.faults\.user_code:{function}" {pattern}')
     assert incomplete(tmp_path / "runs" / "u" / "label")
+
+
+@pytest.mark.parametrize("function, pattern", JUDGES)
+def test_eval_judge(finished, tmp_path, capsys, function, pattern):
+    code, _, err = cli(capsys, "eval", *chain_args(tmp_path / "runs", "u"),
+                       f"eval.sft={finished / 'done' / 'sft'}", "eval.num_prompts=4",
+                       "eval.max_new_tokens=4", f"eval.judge={USER}:{function}")
+    assert code == 1
+    error_line(err, rf'eval\.judge="tests\.faults\.user_code:{function}" '
+                    + pattern.replace("48 responses", "4 responses"))
+    assert incomplete(tmp_path / "runs" / "u" / "eval")
