@@ -332,6 +332,9 @@ class EvalConfig:
     # Bootstrap resamples for confidence intervals.
     bootstrap: int = 1000
     calibration_bins: int = 10
+    # Questions of the calibration probe (the first N eval words; None = one per eval prompt).
+    # Each reads four definitions, so the probe costs several times a policy's sampling.
+    calibration_questions: int | None = None
 
 
 @dataclass
@@ -418,6 +421,7 @@ _POSITIVE = (
     "ppo.response_length", "ppo.lr", "ppo.critic_lr", "ppo.adam_eps", "ppo.kl_target",
     "ppo.kl_horizon", "ppo.reward_clip", "ppo.log_every", "ppo.lora.r", "ppo.lora.alpha",
     "ppo.ptx_batch_size", "eval.max_new_tokens", "eval.batch_size", "eval.calibration_bins",
+    "eval.calibration_questions",
     "run.seed_jobs",
 )
 _NON_NEGATIVE = (

@@ -358,7 +358,7 @@ def run(cfg: Config) -> Path:
         reward_model = ScoreModel(load_reward_model(rm.model_dir, cfg.model, tok)).to(device)
     scorers = Scorers(judge, reward_model, rm.extras if rm else {}, tok, c.batch_size, device)
     try:
-        questions = multiple_choice(examples, cfg.run.seed)
+        questions = multiple_choice(examples, cfg.run.seed)[: c.calibration_questions]
     except ValueError:
         questions = []
 

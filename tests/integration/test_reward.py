@@ -295,10 +295,13 @@ def test_eval_best_of_n_picks_the_reward_models_favourite(sft_dir: Path, toy_rm:
 
     cfg = rm_config(sft_dir.parents[1], "t", sft_dir, f"eval.reward_model={toy_rm}",
                     "eval.num_prompts=6", "eval.max_new_tokens=8", "eval.batch_size=6",
-                    "eval.bootstrap=50", "eval.best_of_n=4")
+                    "eval.bootstrap=50", "eval.best_of_n=4", "eval.calibration_questions=2")
     results = json.loads((evaluate.run(cfg) / "results.json").read_text())
     torch.set_num_threads(1)
     assert results["best_of_n"] == 4
+    assert results["calibration"]["num_questions"] == 2
+    assert all(sum(b["count"] for b in p["bins"]) == 2
+               for p in results["calibration"]["policies"].values())
     assert set(results["policies"]) == {"base", "sft", "bon"}
     bon = results["policies"]["bon"]
     assert bon["kl"] == {**bon["kl"], "mean": pytest.approx(math.log(4) - 0.75),
