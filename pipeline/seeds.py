@@ -73,6 +73,11 @@ def run_chain(cfg: Config, config_file: str | None, overrides: list[str], seed: 
     name = seed_run_name(cfg.run.name, seed)
     run_dir = Path(cfg.run.root) / name
     run_dir.mkdir(parents=True, exist_ok=True)
+    # The shared SFT stage appears in the seed's run folder too, so its report and
+    # `rlhf status` show the whole lineage.
+    link = run_dir / "sft"
+    if not link.exists() and not link.is_symlink():
+        link.symlink_to(os.path.relpath(sft_dir.resolve(), run_dir.resolve()))
     timing_path = run_dir / TIMING
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     mine = [*overrides, f"run.name={name}", f"run.seed={seed}",

@@ -59,6 +59,7 @@ def test_seeds_share_sft_run_each_chain_and_write_one_table(tmp_path, monkeypatc
             assert opts["run.name"] == f"exp-seed{seed}"
             assert all(opts[k] == sft_dir for k in seeds.SFT_KEYS)
             assert "run.seeds" not in opts  # the child runs one chain, not the sweep
+        assert (tmp_path / f"exp-seed{seed}" / "sft").resolve() == Path(sft_dir).resolve()
     rows = json.loads((tmp_path / "exp" / "seeds.json").read_text())
     assert [r["seed"] for r in rows] == [3, 5]
     assert rows[1]["gold_ppo"] == pytest.approx(0.50)
