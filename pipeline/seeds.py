@@ -132,7 +132,7 @@ def seed_row(cfg: Config, seed: int, timing: dict[str, float]) -> dict:
 
 COLUMNS = (("seed", "seed", "{}"), ("win_rate", "PPO vs SFT win rate", "{:.3f}"),
            ("ci", "95% CI", ""), ("gold_sft", "gold SFT", "{:.4f}"),
-           ("gold_bon", "gold best-of-4", "{:.4f}"), ("gold_ppo", "gold PPO", "{:.4f}"),
+           ("gold_bon", "gold best-of-N", "{:.4f}"), ("gold_ppo", "gold PPO", "{:.4f}"),
            ("kl", "KL PPO-SFT (nats)", "{:.2f}"), ("rm_gold_accuracy", "RM acc. vs gold", "{:.3f}"),
            ("minutes", "minutes", "{:.1f}"))
 
