@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -351,6 +352,71 @@ def hf_model(model: torch.nn.Module) -> PreTrainedModel:
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that count only attended tokens, so left padding does not shift them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def run_trunk(trunk: torch.nn.Module, cache=None, **inputs):
+    """``trunk(**inputs)`` with a KV cache in and out, under either transformers' name for it
+    (``cache`` from 5.x, ``past_key_values`` before); returns ``(output, cache)``."""
+    if cache is not None or inputs.get("use_cache"):
+        inputs["use_cache"] = True
+    if cache is not None:
+        name = "cache" if "cache" in inspect.signature(trunk.forward).parameters else \
+            "past_key_values"
+        inputs[name] = cache
+    out = trunk(**inputs)
+    return out, getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+
+def shared_prefix(groups: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """How a batch whose rows come in groups (K responses to one prompt) runs each group's
+    common start once: ``(first, inverse, split)``.
+
+    ``first`` (G,) is one row per group, ``inverse`` (B,) each row's group, and ``split`` the
+    column before which every row equals its group's first row in ids and mask. None when no
+    group holds two rows or the groups' rows share no leading column.
+    """
+    _, inverse = torch.unique(groups, return_inverse=True)                  # (B,)
+    n_rows, width = input_ids.shape
+    n_groups = int(inverse.max()) + 1 if n_rows else 0
+    if n_groups == n_rows or width < 2:
+        return None
+    rows = torch.arange(n_rows, device=input_ids.device)
+    first = torch.full((n_groups,), n_rows, dtype=torch.long, device=input_ids.device)
+    first = first.scatter_reduce(0, inverse, rows, reduce="amin")           # (G,)
+    lead = first[inverse]                                                   # (B,)
+    differs = (input_ids != input_ids[lead]) | (attention_mask != attention_mask[lead])
+    columns = torch.where(differs.any(1), differs.float().argmax(1), width)  # (B,)
+    # At least one column stays per row for the second pass to run on.
+    split = min(int(columns.min()), width - 1)
+    return (first, inverse, split) if split > 0 else None
+
+
+def trunk_hidden(trunk: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 groups: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T, d) last hidden states; with ``groups``, each group's shared start runs once.
+
+    The K responses to a prompt repeat the prompt, often more than half of each row; its keys
+    and values are computed once per group, copied to the group's rows as a KV cache (autograd
+    flows through the copy), and the rest of each row runs on top. Equal to one pass over the
+    whole batch up to float rounding.
+    """
+    positions = position_ids(attention_mask)
+    plan = None
+    if groups is not None and not (trunk.training and
+                                   getattr(trunk, "gradient_checkpointing", False)):
+        plan = shared_prefix(groups, input_ids, attention_mask)
+    if plan is None:
+        return trunk(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=positions).last_hidden_state
+    first, inverse, split = plan
+    head, cache = run_trunk(trunk, input_ids=input_ids[first, :split],
+                            attention_mask=attention_mask[first, :split],
+                            position_ids=positions[first, :split], use_cache=True)
+    cache.batch_select_indices(inverse)
+    tail, _ = run_trunk(trunk, cache=cache, input_ids=input_ids[:, split:],
+                        attention_mask=attention_mask, position_ids=positions[:, split:])
+    return torch.cat([head.last_hidden_state[inverse], tail.last_hidden_state], dim=1)
 
 
 _LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "final_logit_softcapping")

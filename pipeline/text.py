@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.models import hf_model, output_logits, position_ids
+from pipeline.models import hf_model, output_logits, position_ids, run_trunk
 
 IGNORE_INDEX = -100
 
@@ -166,9 +166,19 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
         ids, mask = left_pad_prompts(chunk, tok.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
         position = position_ids(mask)
+        # The K samples of a prompt (label, best-of-N) share one prefill of it.
+        distinct: dict[tuple[int, ...], int] = {}
+        inverse = torch.tensor([distinct.setdefault(tuple(p), i) for i, p in enumerate(chunk)],
+                               device=device)                               # (B,)
+        first = inverse.unique()                                            # (G,)
         # The trunk, then the output head on the last position only (see output_logits).
-        out = trunk(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
-        cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]  # (b, d)
+        out, cache = run_trunk(trunk, input_ids=ids[first], attention_mask=mask[first],
+                               position_ids=position[first], use_cache=True)
+        hidden = out.last_hidden_state[:, -1]                               # (G, d)
+        if len(first) < len(chunk):
+            slot = torch.searchsorted(first, inverse)                       # (B,) row in first
+            cache.batch_select_indices(slot)
+            hidden = hidden[slot]                                           # (B, d)
         tokens = torch.full((len(chunk), max_new_tokens), tok.pad_token_id, dtype=torch.long,
                             device=device)                                  # (B, max_new)
         rows = torch.arange(len(chunk), device=device)  # (b,) chunk row of each active row
@@ -184,9 +194,9 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
                 rows, token, mask, position = rows[keep], token[keep], mask[keep], position[keep]
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             position = position[:, -1:] + 1
-            out = trunk(input_ids=token[:, None], attention_mask=mask, position_ids=position,
-                        past_key_values=cache, use_cache=True)
-            cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
+            out, cache = run_trunk(trunk, cache=cache, input_ids=token[:, None],
+                                   attention_mask=mask, position_ids=position)
+            hidden = out.last_hidden_state[:, -1]
         responses += [truncate_at_eos(row, set(stops), tok.pad_token_id)
                       for row in tokens.tolist()]
     model.train(was_training)

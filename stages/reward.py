@@ -145,13 +145,20 @@ def collate(groups: list[Group], pad_id: int) -> dict[str, torch.Tensor]:
     """Every response of every prompt in one padded batch, plus the pairs its ranks imply."""
     chosen, rejected, weight = bradley_terry_pairs([g.ranks for g in groups])
     batch = padded([s for g in groups for s in g.sequences], pad_id)
-    batch.update(chosen=chosen, rejected=rejected, pair_weight=weight)
+    batch.update(chosen=chosen, rejected=rejected, pair_weight=weight,
+                 groups=prompt_groups(groups))
     return batch
+
+
+def prompt_groups(groups: list[Group]) -> torch.Tensor:
+    """(N,) which prompt each flattened response answers: the prompt's tokens run once."""
+    return torch.tensor([i for i, g in enumerate(groups) for _ in g.sequences], dtype=torch.long)
 
 
 def ranked_loss(scorer: torch.nn.Module, batch: dict[str, torch.Tensor], margin: float = 0.0):
     """Mean over prompts of each prompt's mean pairwise Bradley-Terry loss; (loss, stats)."""
-    rewards = sequence_scores(scorer, batch["input_ids"], batch["attention_mask"])
+    rewards = sequence_scores(scorer, batch["input_ids"], batch["attention_mask"],
+                              groups=batch.get("groups"))
     return bradley_terry_loss(rewards, batch["chosen"], batch["rejected"], batch["pair_weight"],
                               margin)
 
@@ -163,15 +170,16 @@ def ranked_loss(scorer: torch.nn.Module, batch: dict[str, torch.Tensor], margin:
 
 @torch.no_grad()
 def score_sequences(scorer: torch.nn.Module, sequences, pad_id: int, batch_size: int,
-                    device: torch.device) -> torch.Tensor:
-    """(N,) rewards on the CPU, in ``batch_size`` chunks."""
+                    device: torch.device, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) rewards on the CPU, in ``batch_size`` chunks; ``groups`` (N,) as in collate."""
     was_training = scorer.training
     scorer.eval()
     out = []
     for start in range(0, len(sequences), batch_size):
         batch = padded(sequences[start: start + batch_size], pad_id)
+        chunk = None if groups is None else groups[start: start + batch_size].to(device)
         out.append(sequence_scores(scorer, batch["input_ids"].to(device),
-                                   batch["attention_mask"].to(device)).cpu())
+                                   batch["attention_mask"].to(device), groups=chunk).cpu())
     scorer.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -192,7 +200,8 @@ def evaluate(scorer: torch.nn.Module, groups: list[Group], accelerator: Accelera
     """
     shard = groups[accelerator.process_index:: accelerator.num_processes]
     sequences = [s for g in shard for s in g.sequences]
-    rewards = score_sequences(scorer, sequences, pad_id, batch_size * 4, accelerator.device)
+    rewards = score_sequences(scorer, sequences, pad_id, batch_size * 4, accelerator.device,
+                              prompt_groups(shard))
     annotator = gather_object(pair_gaps(rewards, [g.ranks for g in shard]))
     gold = gather_object(pair_gaps(rewards, [g.gold or (0,) * len(g.ranks) for g in shard]))
     if not annotator:
@@ -253,7 +262,8 @@ def sample_rows(scorer: torch.nn.Module, groups: list[Group], norm: dict, pad_id
                 device: torch.device) -> list[dict]:
     rows = []
     for g in groups:
-        rewards = score_sequences(scorer, list(g.sequences), pad_id, len(g.sequences), device)
+        rewards = score_sequences(scorer, list(g.sequences), pad_id, len(g.sequences), device,
+                                  prompt_groups([g]))
         for k, (response, reward) in enumerate(zip(g.responses, rewards.tolist())):
             rows.append({
                 "prompt": g.prompt,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models import hf_model, output_logits, plain_output_head, position_ids
+from pipeline.models import hf_model, output_logits, plain_output_head, trunk_hidden
 from stages import ops
 
 
@@ -37,16 +37,17 @@ class PolicyModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 score_mask: torch.Tensor, temperature: float = 1.0,
-                entropy: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
+                entropy: str = "none", groups: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns ``(logp, entropy)``, both ``(B, L)`` float32; entropy is None for
-        ``entropy="none"``, has no graph for ``"detached"`` and one for ``"grad"``."""
+        ``entropy="none"``, has no graph for ``"detached"`` and one for ``"grad"``.
+        ``groups`` (B,) labels rows that share a prompt (see ``trunk_hidden``)."""
         if entropy not in ("none", "detached", "grad"):
             raise ValueError(f"entropy must be none, detached or grad, got {entropy!r}")
         inner = hf_model(self.model)
         trunk = getattr(inner, inner.base_model_prefix)
-        context = attention_mask[:, :-1]
-        hidden = trunk(input_ids=input_ids[:, :-1], attention_mask=context,
-                       position_ids=position_ids(context)).last_hidden_state  # (B, L-1, d)
+        hidden = trunk_hidden(trunk, input_ids[:, :-1], attention_mask[:, :-1],
+                              groups)                                         # (B, L-1, d)
         where = score_mask[:, 1:].bool()                                      # (B, L-1)
         h = hidden[where]                                                     # (N, d)
         targets = input_ids[:, 1:][where]                                     # (N,)
@@ -88,11 +89,11 @@ class ScoreModel(torch.nn.Module):
             torch.nn.init.zeros_(self.extra.weight)
             torch.nn.init.zeros_(self.extra.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                groups: torch.Tensor | None = None) -> torch.Tensor:
         inner = hf_model(self.model)
         backbone = getattr(inner, inner.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids(attention_mask)).last_hidden_state  # (B, T, d)
+        hidden = trunk_hidden(backbone, input_ids, attention_mask, groups)  # (B, T, d)
         scores = inner.score(hidden).float()  # (B, T, num_labels)
         if self.extra is not None:
             scores = torch.cat([scores, self.extra(hidden).float()], dim=-1)
@@ -100,8 +101,10 @@ class ScoreModel(torch.nn.Module):
 
 
 def sequence_scores(scorer: torch.nn.Module, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor, channel: int = 0) -> torch.Tensor:
+                    attention_mask: torch.Tensor, channel: int = 0,
+                    groups: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) the head's output at the last real token (the reward of a whole response)."""
-    scores = scorer(input_ids, attention_mask)[..., channel]  # (B, T)
+    extra = {} if groups is None else {"groups": groups}
+    scores = scorer(input_ids, attention_mask, **extra)[..., channel]  # (B, T)
     index = last_token_index(attention_mask)
     return scores.gather(1, index[:, None]).squeeze(1)

@@ -239,7 +239,10 @@ def test_k_way_loss_is_mean_over_prompts_of_mean_pair_loss() -> None:
     assert batch["attention_mask"].sum(1).tolist() == [1, 2, 1, 2, 1, 1, 1, 3]
     scores = torch.tensor([2.0, 0.5, -1.0, 0.3, 0.8, 0.1, -0.4, 0.6])
 
-    def scorer(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def scorer(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               groups: torch.Tensor) -> torch.Tensor:
+        # Each prompt's responses are labelled as one group, so its tokens run once.
+        assert groups.tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
         # Garbage before the last real token: only the last one may be read.
         per_token = torch.randn(*input_ids.shape, 1)
         last = attention_mask.sum(1) - 1
