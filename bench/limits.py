@@ -40,7 +40,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from pipeline.config import ModelConfig
     from pipeline.models import load_policy
-    from pipeline.text import generate, left_pad_prompts
+    from pipeline.text import generate, pad_prompts
 
     torch.manual_seed(0)
     model, tok = load_policy(ModelConfig(), name_or_path=args.policy)
@@ -53,7 +53,7 @@ def main() -> int:
                        batch_size=args.batch)
         return sum(len(r) for r in out)
 
-    ids, mask = left_pad_prompts(prompts, tok.pad_token_id)
+    ids, mask = pad_prompts(prompts, tok.pad_token_id)
 
     @torch.no_grad()
     def hf() -> int:

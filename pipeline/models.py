@@ -389,22 +389,25 @@ def shared_prefix(groups: torch.Tensor, input_ids: torch.Tensor, attention_mask:
     columns = torch.where(differs.any(1), differs.float().argmax(1), width)  # (B,)
     # At least one column stays per row for the second pass to run on.
     split = min(int(columns.min()), width - 1)
-    return (first, inverse, split) if split > 0 else None
+    return (first, inverse, split) if split >= 2 else None
 
 
 def trunk_hidden(trunk: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  groups: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, T, d) last hidden states; with ``groups``, each group's shared start runs once.
+    """(B, T, d) last hidden states; the start that the rows of a group share runs once.
 
-    The K responses to a prompt repeat the prompt, often more than half of each row; its keys
-    and values are computed once per group, copied to the group's rows as a KV cache (autograd
-    flows through the copy), and the rest of each row runs on top. Equal to one pass over the
-    whole batch up to float rounding.
+    The K responses to a prompt repeat the prompt, often more than half of each row, and all
+    prompts start with the same chat template and system prompt (see ``pad_prompts``). Those
+    keys and values are computed once per group, copied to the group's rows as a KV cache
+    (autograd flows through the copy), and the rest of each row runs on top. ``groups`` (B,)
+    labels the rows; None puts the whole batch in one group. Equal to one pass over the whole
+    batch up to float rounding.
     """
     positions = position_ids(attention_mask)
     plan = None
-    if groups is not None and not (trunk.training and
-                                   getattr(trunk, "gradient_checkpointing", False)):
+    if not (trunk.training and getattr(trunk, "gradient_checkpointing", False)):
+        if groups is None:
+            groups = input_ids.new_zeros(input_ids.shape[0])
         plan = shared_prefix(groups, input_ids, attention_mask)
     if plan is None:
         return trunk(input_ids=input_ids, attention_mask=attention_mask,

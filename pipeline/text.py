@@ -81,11 +81,30 @@ def pad(sequences: Sequence[Sequence[int]], value: int, side: str = "right") -> 
     return out
 
 
-def left_pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int,
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt batch so every row's generation starts at the same column."""
-    ids = pad(prompts, pad_id, side="left")
-    mask = pad([[1] * len(p) for p in prompts], 0, side="left")
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) prompt ids and mask whose rows all end at column P, where generation starts.
+
+    The padding goes after the tokens every prompt starts with (the chat template and system
+    prompt, ~20 tokens here) instead of before them, so that shared start sits in the same
+    columns of every row and runs once (see ``trunk_hidden``). Positions count attended tokens
+    only, so the model sees each prompt exactly as unpadded. Every row keeps a real token in
+    its last column.
+    """
+    shortest = min((len(p) for p in prompts), default=0)
+    common = 0
+    while common < shortest - 1 and all(p[common] == prompts[0][common] for p in prompts):
+        common += 1
+    width = max((len(p) for p in prompts), default=0)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        rest = len(p) - common
+        ids[i, :common] = torch.as_tensor(p[:common], dtype=torch.long)
+        mask[i, :common] = 1
+        if rest:
+            ids[i, width - rest:] = torch.as_tensor(p[common:], dtype=torch.long)
+            mask[i, width - rest:] = 1
     return ids, mask
 
 
@@ -163,7 +182,7 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
     responses: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start: start + batch_size]
-        ids, mask = left_pad_prompts(chunk, tok.pad_token_id)
+        ids, mask = pad_prompts(chunk, tok.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
         position = position_ids(mask)
         # The K samples of a prompt (label, best-of-N) share one prefill of it.

@@ -31,7 +31,7 @@ from pipeline.models import load_policy, load_reward_model, position_ids, tokeni
 from pipeline.rundir import Parent, StageDir, atomic_write_json, check_same_tokenizer, open_parent
 from pipeline.rundir import stage_dir as parent_dir
 from pipeline.runtime import make_accelerator
-from pipeline.text import decode, encode_prompt, eos_ids, generate, left_pad_prompts, pad
+from pipeline.text import decode, encode_prompt, eos_ids, generate, pad, pad_prompts
 from pipeline.tracking import Tracker
 from pipeline.training import NonFiniteError
 from stages import ops
@@ -146,8 +146,8 @@ def answer_distribution(model, tok, prompts: list[list[int]], batch_size: int) -
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
-        query, query_mask = left_pad_prompts(prompts[start: start + batch_size],
-                                             tok.pad_token_id)
+        query, query_mask = pad_prompts(prompts[start: start + batch_size],
+                                        tok.pad_token_id)
         query, query_mask = query.to(device), query_mask.to(device)
         logits = model(input_ids=query, attention_mask=query_mask,
                        position_ids=position_ids(query_mask),
@@ -212,8 +212,8 @@ def sequence_kl(model, reference, tok, prompts: list[list[int]], responses: list
     out: list[float] = []
     for start in range(0, len(prompts), batch_size):
         rows = responses[start: start + batch_size]
-        query, query_mask = left_pad_prompts(prompts[start: start + batch_size],
-                                             tok.pad_token_id)
+        query, query_mask = pad_prompts(prompts[start: start + batch_size],
+                                        tok.pad_token_id)
         # An all-empty batch still needs one column; its mask is 0.
         response = pad([r or [tok.pad_token_id] for r in rows], tok.pad_token_id)
         mask = pad([[1] * len(r) for r in rows], 0)

@@ -51,7 +51,7 @@ from pipeline.text import (
     encode_prompt,
     eos_ids,
     generate,
-    left_pad_prompts,
+    pad_prompts,
     tokenize_conversation,
 )
 from pipeline.text import pad as pad_sequences
@@ -74,7 +74,7 @@ from stages.scoring import PolicyModel, ScoreModel, sequence_scores
 class Rollout:
     """One batch of experience; B responses of up to T tokens after P prompt tokens."""
 
-    query: torch.Tensor            # (B, P) prompt ids, left-padded
+    query: torch.Tensor            # (B, P) prompt ids ending at column P (pad_prompts)
     query_mask: torch.Tensor       # (B, P)
     response: torch.Tensor         # (B, T) response ids, right-padded
     mask: torch.Tensor             # (B, T) 1 up to and including the first EOS
@@ -100,10 +100,10 @@ class Rollout:
 def rollout_tensors(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
                     stops: list[int]):
     """The padded tensors of one rollout batch: ``(query, query_mask, response, mask, has_eos,
-    lengths)``. Prompts are left-padded so every response starts at the same column;
+    lengths)``. Prompts end at the same column, so every response starts there;
     responses are right-padded and masked after their first EOS (a response without one keeps
     all its tokens)."""
-    query, query_mask = left_pad_prompts(prompts, pad_id)            # (B, P)
+    query, query_mask = pad_prompts(prompts, pad_id)            # (B, P)
     response = pad_sequences(responses, pad_id, side="right")        # (B, T)
     mask, has_eos, lengths = ops.response_mask_after_eos(response, stops)
     return query, query_mask, response, mask, has_eos, lengths

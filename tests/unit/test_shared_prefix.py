@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from pipeline.models import shared_prefix, trunk_hidden
-from pipeline.text import generate
+from pipeline.models import position_ids, shared_prefix, trunk_hidden
+from pipeline.text import generate, pad_prompts
 from stages.scoring import PolicyModel, ScoreModel, sequence_scores
 
 torch.set_num_threads(1)
@@ -53,6 +53,11 @@ def left_padded():
     return ids, mask, torch.tensor([0, 0, 1, 1, 2])
 
 
+def plain_hidden(trunk, ids, mask):
+    return trunk(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)
+                 ).last_hidden_state
+
+
 def test_plan_finds_groups_and_the_first_column_that_differs():
     ids, mask, groups = right_padded()
     first, inverse, split = shared_prefix(groups, ids, mask)
@@ -78,14 +83,14 @@ def test_hidden_states_and_gradients_equal_one_plain_pass(layout):
     ids, mask, groups = layout()
     assert shared_prefix(groups, ids, mask) is not None
 
-    def run(g):
+    def run(forward):
         model.zero_grad()
-        hidden = trunk_hidden(trunk, ids, mask, g)
+        hidden = forward()
         (hidden[mask.bool()] ** 2).mean().backward()
         return hidden.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
-    plain, plain_grads = run(None)
-    shared, shared_grads = run(groups)
+    plain, plain_grads = run(lambda: plain_hidden(trunk, ids, mask))
+    shared, shared_grads = run(lambda: trunk_hidden(trunk, ids, mask, groups))
     real = mask.bool()
     torch.testing.assert_close(shared[real], plain[real], rtol=1e-5, atol=1e-5)
     assert len(shared_grads) == len(plain_grads) > 0
@@ -93,16 +98,33 @@ def test_hidden_states_and_gradients_equal_one_plain_pass(layout):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_without_groups_the_whole_batch_shares_its_common_start():
+    """pad_prompts keeps the chat template in the first columns: it runs once for all rows."""
+    prompts = [[2, 3, 4, 5], [2, 3, 4, 6, 7], [2, 3, 4, 8]]
+    query, query_mask = pad_prompts(prompts, PAD)
+    ids = torch.cat([query, torch.tensor([[9, EOS], [10, EOS], [11, 12]])], dim=1)
+    mask = torch.cat([query_mask, torch.ones(3, 2, dtype=torch.long)], dim=1)
+    _, _, split = shared_prefix(torch.zeros(3, dtype=torch.long), ids, mask)
+    assert split == 3
+    trunk = causal().model
+    real = mask.bool()
+    torch.testing.assert_close(trunk_hidden(trunk, ids, mask)[real],
+                               plain_hidden(trunk, ids, mask)[real], rtol=1e-5, atol=1e-5)
+
+
 def test_reward_and_policy_scores_equal_one_plain_pass():
     ids, mask, groups = right_padded()
     scorer = classifier()
-    torch.testing.assert_close(sequence_scores(scorer, ids, mask, groups=groups),
-                               sequence_scores(scorer, ids, mask), rtol=1e-5, atol=1e-5)
+    plain = scorer.model.score(plain_hidden(scorer.model.model, ids, mask))[..., 0]
+    plain = plain.gather(1, (mask.sum(1) - 1)[:, None]).squeeze(1)
+    torch.testing.assert_close(sequence_scores(scorer, ids, mask, groups=groups), plain,
+                               rtol=1e-5, atol=1e-5)
     ids, mask, groups = left_padded()
     policy = PolicyModel(causal())
     scored = mask.clone()
     scored[:, :4] = 0
-    plain, _ = policy(ids, mask, scored)
+    alone = torch.arange(len(ids))  # every row its own group: the plain pass
+    plain, _ = policy(ids, mask, scored, groups=alone)
     shared, _ = policy(ids, mask, scored, groups=groups)
     torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
 

@@ -11,8 +11,8 @@ from pipeline.text import (
     IGNORE_INDEX,
     decode,
     encode_prompt,
-    left_pad_prompts,
     pad,
+    pad_prompts,
     tokenize_conversation,
     truncate_at_eos,
 )
@@ -97,11 +97,20 @@ def test_truncate_at_eos():
     assert truncate_at_eos(torch.tensor([3, 2, 4]).tolist(), {eos}, pad_id) == [3, 2]
 
 
-def test_left_pad_prompts():
-    ids, mask = left_pad_prompts([[1, 2, 3], [4], [5, 6]], pad_id=0)
+def test_pad_prompts():
+    # Nothing shared: plain left padding.
+    ids, mask = pad_prompts([[1, 2, 3], [4], [5, 6]], pad_id=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4], [0, 5, 6]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
     assert ids.dtype == torch.long
+    # A shared start stays in the first columns; the padding follows it.
+    ids, mask = pad_prompts([[7, 8, 1, 2, 3], [7, 8, 4], [7, 8, 5, 6]], pad_id=0)
+    assert ids.tolist() == [[7, 8, 1, 2, 3], [7, 8, 0, 0, 4], [7, 8, 0, 5, 6]]
+    assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 1], [1, 1, 0, 1, 1]]
+    # A prompt that is another's start still ends in a real token, where sampling begins.
+    ids, mask = pad_prompts([[7, 8], [7, 8, 9], [7, 8]], pad_id=0)
+    assert ids.tolist() == [[7, 0, 8], [7, 8, 9], [7, 0, 8]]
+    assert mask[:, -1].tolist() == [1, 1, 1]
 
 
 def test_pad_right():
