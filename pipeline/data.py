@@ -23,6 +23,7 @@ import json
 import logging
 import lzma
 import re
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
@@ -300,9 +301,11 @@ def _open_file(path: Path, fmt: tuple[str, dict[str, Any]] | None) -> _Source:
     def rows() -> Iterator[dict[str, Any]]:
         import datasets
 
-        # Streaming reads the file in order without writing an Arrow copy to the cache.
-        yield from datasets.load_dataset(builder, data_files=str(path), split="train",
-                                         streaming=True, **options)
+        # Streaming reads the file in order without writing an Arrow copy to the cache; the
+        # builder's lock file goes to a folder of its own, removed when the rows are read.
+        with tempfile.TemporaryDirectory(prefix="rlhf-data-") as cache:
+            yield from datasets.load_dataset(builder, data_files=str(path), split="train",
+                                             streaming=True, cache_dir=cache, **options)
 
     if builder != "json":
         return _Source(str(path), rows)

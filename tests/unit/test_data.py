@@ -505,6 +505,19 @@ def test_datasets_library_logs_nothing_on_a_bad_file(tmp_path: Path,
     assert captured.out == "" and captured.err == ""
 
 
+def test_reading_leaves_nothing_in_the_datasets_cache(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    path = write_rows(tmp_path / "x.jsonl", [GOOD_PAIR, GOOD_PAIR])
+    assert len(load_prompts(path)) == 2 and len(load_prompts(path, limit=1)) == 1
+    assert len(load_ranked(write_as(tmp_path / "x.parquet", STANDARD))) == 2
+    assert list(cache.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Column renames (data.columns)
 # ---------------------------------------------------------------------------------------------
