@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.data import column_problems
+
 
 class ConfigError(ValueError):
     """Raised with every configuration problem found, one per line."""
@@ -88,18 +90,25 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Dataset locations (JSONL, a `datasets` folder, or a hub id) per stage."""
+    """Datasets per stage: a data file (.jsonl/.json/.csv/.tsv/.parquet/.arrow, text ones also
+    .gz/.bz2/.xz), a `save_to_disk` folder, or a hub id owner/name[:split]. The README lists
+    the row forms each accepts (TRL's standard and conversational forms)."""
 
-    # Demonstrations for SFT: {"messages": [...]} or {"prompt", "completion"} rows.
+    # Demonstrations for SFT: "messages", "prompt"+"completion" or "text" rows.
     sft: str = "data/wordnet/sft.jsonl"
-    # Prompts the label stage samples K responses for.
+    # Prompts the label stage samples K responses for (each needs a reference).
     label: str = "data/wordnet/label.jsonl"
-    # Prompts PPO trains on.
+    # Prompts PPO trains on: "prompt" (a string or messages), optional "reference".
     ppo: str = "data/wordnet/ppo.jsonl"
-    # Held-out prompts for evaluation.
+    # Held-out prompts for evaluation (each needs a reference).
     eval: str = "data/wordnet/eval.jsonl"
-    # Human rankings the reward stage trains on instead of the label stage's output.
+    # Human rankings the reward stage trains on instead of the label stage's output:
+    # "chosen"+"rejected" (explicit or implicit prompt) or "responses"+"ranks" rows.
     ranked: str | None = None
+    # Column renames, your column -> the name the pipeline reads (as Dataset.rename_columns):
+    # {question: prompt} renames it in every file that has it; {ppo: {question: prompt}} in
+    # data.ppo only, where the column must exist. Split keys: sft, label, ppo, eval, ranked.
+    columns: dict = field(default_factory=dict)
     # Prompts longer than this (in tokens, after the chat template) are truncated from the left.
     max_prompt_tokens: int = 64
 
@@ -614,6 +623,8 @@ def validate(cfg: Config) -> list[str]:
         problems += _validate_run_root(cfg.run)
     if cfg.run.resume and cfg.run.overwrite:
         problems.append("run.resume=true and run.overwrite=true contradict each other")
+    if isinstance(cfg.data.columns, dict):
+        problems += column_problems(cfg.data.columns)
     if cfg.model.init == "scratch" and cfg.model.lora.enabled:
         problems.append("model.lora.enabled=true with model.init=scratch: LoRA needs pretrained "
                         "weights to adapt; use full fine-tuning for a scratch model")

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pipeline.data import Demonstration
 from pipeline.models import hf_model, output_logits, position_ids, run_trunk
 
 IGNORE_INDEX = -100
@@ -30,20 +31,21 @@ def encode_prompt(tok: PreTrainedTokenizerBase, messages: list[dict] | str,
 
 
 def tokenize_conversation(tok: PreTrainedTokenizerBase, messages: list[dict],
-                          max_prompt_tokens: int, max_seq_len: int,
+                          max_prompt_tokens: int, max_seq_len: int, first_target: int = 0,
                           ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) with loss only on assistant turns, each turn up to its EOS.
 
     Each assistant turn's text is the difference between the rendered conversation with and
     without it, so the prompt part is byte-identical to what ``encode_prompt`` gives at
     sampling time. Text after the EOS (the template's newline) is context, not target.
+    Assistant turns before ``first_target`` are context too: they belong to the prompt.
     """
     input_ids: list[int] = []
     labels: list[int] = []
     rendered = ""
     eos = tok.eos_token
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < first_target:
             continue
         header = tok.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
         turn = tok.apply_chat_template(messages[: i + 1], tokenize=False)
@@ -65,6 +67,27 @@ def tokenize_conversation(tok: PreTrainedTokenizerBase, messages: list[dict],
         labels += [IGNORE_INDEX] * len(tail_ids)
         rendered = turn
     return input_ids[:max_seq_len], labels[:max_seq_len]
+
+
+def tokenize_text(tok: PreTrainedTokenizerBase, text: str, max_seq_len: int,
+                  ) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of plain text and an EOS, no chat template, every token a target."""
+    # The tokenizer adds what its own post-processor adds (a BOS for some models).
+    ids = tok(text)["input_ids"]
+    if not ids or ids[-1] != tok.eos_token_id:
+        ids = ids + [tok.eos_token_id]
+    ids = ids[:max_seq_len]
+    return ids, list(ids)
+
+
+def tokenize_demonstration(tok: PreTrainedTokenizerBase, demo: Demonstration,
+                           max_prompt_tokens: int, max_seq_len: int,
+                           ) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one SFT row, whichever form it came in."""
+    if demo.text is not None:
+        return tokenize_text(tok, demo.text, max_seq_len)
+    return tokenize_conversation(tok, list(demo.messages), max_prompt_tokens, max_seq_len,
+                                 demo.first_target)
 
 
 def pad(sequences: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from accelerate.utils import gather_object
 
 from pipeline.config import Config
-from pipeline.data import DataError, PromptExample, load_prompts
+from pipeline.data import PromptExample, column_map, load_prompts
 from pipeline.models import load_policy, load_reward_model, position_ids, tokenizer_sha256
 from pipeline.rundir import Parent, StageDir, atomic_write_json, check_same_tokenizer, open_parent
 from pipeline.rundir import stage_dir as parent_dir
@@ -341,11 +341,9 @@ def run(cfg: Config) -> Path:
     sft = open_parent(parent_dir(cfg, "sft", c.sft), "sft", "eval.sft")
     ppo = optional_parent(cfg, "ppo", c.ppo, "eval.ppo")
     rm = optional_parent(cfg, "rm", c.reward_model, "eval.reward_model")
-    examples = load_prompts(cfg.data.eval, limit=c.num_prompts)
-    unjudged = next((n for n, ex in enumerate(examples, 1) if ex.reference is None), None)
-    if unjudged is not None:
-        raise DataError(f'{cfg.data.eval}: row {unjudged} has no "reference"; the gold judge '
-                        "and the calibration probe need one")
+    examples = load_prompts(cfg.data.eval, limit=c.num_prompts,
+                            columns=column_map(cfg.data.columns, "eval"),
+                            require_reference="the gold judge and the calibration probe need one")
     sft_model, tok = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(sft.model_dir))
     tok_sha = tokenizer_sha256(tok)
     for parent, role in ((sft, "eval.sft"), (ppo, "eval.ppo"), (rm, "eval.reward_model")):
@@ -371,7 +369,7 @@ def run(cfg: Config) -> Path:
     with accelerator.split_between_processes(list(range(len(questions)))) as q_shard:
         q_shard = list(q_shard)
     mine = [examples[i] for i in shard]
-    prompts = [encode_prompt(tok, e.prompt, cfg.data.max_prompt_tokens) for e in mine]
+    prompts = [encode_prompt(tok, e.chat, cfg.data.max_prompt_tokens) for e in mine]
     # The question lists four definitions: allow it the model's whole context.
     q_limit = max(cfg.data.max_prompt_tokens,
                   getattr(sft_model.config, "max_position_embeddings", 512) - 1)

@@ -15,7 +15,7 @@ from pathlib import Path
 from accelerate.utils import gather_object
 
 from pipeline.config import Config
-from pipeline.data import DataError, PromptExample, load_prompts
+from pipeline.data import PromptExample, column_map, load_prompts
 from pipeline.errors import PipelineError
 from pipeline.models import load_policy, tokenizer_sha256
 from pipeline.progress import progress
@@ -41,10 +41,13 @@ def distinct_responses(texts: Sequence[str], dedup: bool) -> list[str]:
 
 def ranked_row(example: PromptExample, responses: list[str], scores: list[float],
                pool: AnnotatorPool, key: int) -> dict:
-    """One data.jsonl row; ``key`` (the prompt's global index) seeds the annotator's draws."""
+    """One data.jsonl row; ``key`` (the prompt's global index) seeds the annotator's draws.
+
+    A conversational prompt keeps its messages, so the reward model sees the whole context.
+    """
     ranks, annotator = pool.rank(scores, rng_key=key)
     return {
-        "prompt": example.prompt,
+        "prompt": list(example.messages) if example.messages else example.prompt,
         "responses": responses,
         "ranks": ranks,
         "reference": example.reference,
@@ -57,8 +60,10 @@ def ranked_row(example: PromptExample, responses: list[str], scores: list[float]
 
 def _sample_view(row: dict) -> dict:
     order = sorted(range(len(row["ranks"])), key=lambda i: row["ranks"][i])
+    prompt = row["prompt"]
     return {
-        "prompt": row["prompt"],
+        # A conversational prompt is shown by its last user turn, as other samples are.
+        "prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"],
         "reference": row["reference"],
         "responses_best_first": [row["responses"][i] for i in order],
         "gold_scores": [row["gold_scores"][i] for i in order],
@@ -73,11 +78,9 @@ def run(cfg: Config) -> Path:
     # --- Setup: parent, prompts, policy, judge -------------------------------------------------
     # Everything that can refuse the run does so before stage.start() clears an old label dir.
     parent = open_parent(stage_dir(cfg, "sft", c.policy), "sft", "label.policy")
-    examples = load_prompts(cfg.data.label, limit=c.num_prompts)
-    for number, ex in enumerate(examples, start=1):
-        if ex.reference is None:
-            raise DataError(f"{cfg.data.label}: row {number} has no \"reference\"; the gold "
-                            "judge scores responses against it")
+    examples = load_prompts(cfg.data.label, limit=c.num_prompts,
+                            columns=column_map(cfg.data.columns, "label"),
+                            require_reference="the gold judge scores responses against it")
     model, tok = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(parent.model_dir))
     tok_sha = tokenizer_sha256(tok)
     check_same_tokenizer(tok_sha, parent, "label.policy")
@@ -97,7 +100,7 @@ def run(cfg: Config) -> Path:
     # --- Generation: each process samples a disjoint shard of the prompts ----------------------
     with accelerator.split_between_processes(list(range(len(examples)))) as shard:
         shard = list(shard)
-    encoded = {i: encode_prompt(tok, examples[i].prompt, cfg.data.max_prompt_tokens)
+    encoded = {i: encode_prompt(tok, examples[i].chat, cfg.data.max_prompt_tokens)
                for i in shard}
     stops = eos_ids(tok, model)
     sampled: list[tuple[int, list[str]]] = []

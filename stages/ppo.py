@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config, PPOConfig
-from pipeline.data import PromptExample, load_prompts, load_sft_conversations
+from pipeline.data import PromptExample, column_map, load_demonstrations, load_prompts
 from pipeline.errors import PipelineError
 from pipeline.models import (
     apply_lora,
@@ -52,7 +52,7 @@ from pipeline.text import (
     eos_ids,
     generate,
     pad_prompts,
-    tokenize_conversation,
+    tokenize_demonstration,
 )
 from pipeline.text import pad as pad_sequences
 from pipeline.tracking import Tracker
@@ -308,8 +308,10 @@ def run(cfg: Config) -> Path:
     # --- Setup ---------------------------------------------------------------------------------
     sft = open_parent(stage_dir(cfg, "sft", c.policy), "sft", "ppo.policy")
     rm = _reward_parent(cfg)
-    prompts = load_prompts(cfg.data.ppo, limit=c.num_prompts)
-    conversations = load_sft_conversations(cfg.data.sft) if c.ptx_coef > 0 else []
+    prompts = load_prompts(cfg.data.ppo, limit=c.num_prompts,
+                           columns=column_map(cfg.data.columns, "ppo"))
+    ptx_rows = (load_demonstrations(cfg.data.sft, columns=column_map(cfg.data.columns, "sft"))
+                if c.ptx_coef > 0 else [])
     with accelerator.main_process_first():
         policy, reference, critic, reward_scores, tok = build_models(cfg, sft, rm, accelerator)
     tok_sha = tokenizer_sha256(tok)
@@ -320,9 +322,9 @@ def run(cfg: Config) -> Path:
     reward_fn = RewardFunction(c, reward_scores, rm.extras if rm is not None else {})
     stops = sorted(eos_ids(tok, policy.model))
 
-    encoded = [encode_prompt(tok, p.prompt, cfg.data.max_prompt_tokens) for p in prompts]
-    demos = [tokenize_conversation(tok, m, cfg.data.max_prompt_tokens, cfg.sft.max_seq_len)
-             for m in conversations]
+    encoded = [encode_prompt(tok, p.chat, cfg.data.max_prompt_tokens) for p in prompts]
+    demos = [tokenize_demonstration(tok, d, cfg.data.max_prompt_tokens, cfg.sft.max_seq_len)
+             for d in ptx_rows]
     judge = None
     if c.gold_judge and all(p.reference for p in prompts):
         judge = load_checked_judge("ppo.gold_judge", c.gold_judge)

@@ -25,7 +25,7 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from pipeline.config import Config
-from pipeline.data import DataError, PromptExample, load_prompts, load_ranked, read_jsonl
+from pipeline.data import ColumnMap, PromptExample, column_map, load_prompts, load_ranked
 from pipeline.errors import PipelineError
 from pipeline.models import (
     apply_lora,
@@ -80,47 +80,22 @@ class Group:
 # ---------------------------------------------------------------------------------------------
 
 
-def open_inputs(cfg: Config) -> tuple[Parent, Parent | None, str]:
-    """(SFT parent, label parent or None, ranked data source), every tokenizer checked."""
+def open_inputs(cfg: Config) -> tuple[Parent, Parent | None, str, ColumnMap | None]:
+    """(SFT parent, label parent or None, ranked data source, its column renames), every
+    tokenizer checked. The label stage's own output is read as written, without renames."""
     sft = open_parent(stage_dir(cfg, "sft", cfg.rm.sft), "sft", "rm.sft")
     source = cfg.rm.data or cfg.data.ranked
     label = None
+    columns = column_map(cfg.data.columns, "ranked") if source else None
     if not source:
         label = open_parent(stage_dir(cfg, "label", None), "label", "rm.data (label stage)")
         policy_sha = sft.manifest.get("tokenizer_sha256") or ""
         check_same_tokenizer(policy_sha, label, "rm.data (label stage)")
         source = str(label.path / "data.jsonl")
-    return sft, label, source
+    return sft, label, source, columns
 
 
-def gold_rankings(source: str, n_rows: int) -> list[tuple[int, ...] | None]:
-    """Gold ranks per row from the label stage's ``gold_scores`` (None where a row has none).
-
-    ``load_ranked`` keeps only what every ranked format has, so the extra field is read from
-    the raw rows; a JSONL file's non-blank lines are the rows ``load_ranked`` parsed, in order.
-    Other sources (a saved dataset, a hub id) carry no gold scores.
-    """
-    path = Path(source)
-    if not path.is_file():
-        return [None] * n_rows
-    out: list[tuple[int, ...] | None] = []
-    for line, row in read_jsonl(path):
-        scores = row.get("gold_scores")
-        if scores is None:
-            out.append(None)
-            continue
-        k = len(row.get("responses") or ())
-        if not isinstance(scores, list) or len(scores) != k:
-            raise DataError(f'{path}:{line}: expected "gold_scores" to be a list of {k} numbers '
-                            "(one per response)")
-        try:
-            out.append(tuple(gold_ranks(scores)))
-        except (TypeError, ValueError) as exc:
-            raise DataError(f'{path}:{line}: "gold_scores": {exc}') from None
-    return out
-
-
-def encode_group(tok, prompt: str, responses: tuple[str, ...], max_prompt_tokens: int,
+def encode_group(tok, prompt: str | list[dict], responses: tuple[str, ...], max_prompt_tokens: int,
                  max_seq_len: int) -> tuple[tuple[tuple[int, ...], ...], int]:
     """Prompt + response + EOS per response, as the policy saw them; (sequences, n truncated).
 
@@ -239,9 +214,9 @@ def normalization(scorer: torch.nn.Module, policy, tok, cfg: Config,
     if n == 0:
         return {"norm_bias": 0.0, "norm_scale": 1.0, "norm_samples": 0}, {}
     if prompts is None:
-        prompts = load_prompts(cfg.data.ppo, limit=n)
+        prompts = load_prompts(cfg.data.ppo, limit=n, columns=column_map(cfg.data.columns, "ppo"))
     # Fewer prompts than samples: cycle them; sampling makes the repeats different responses.
-    mine = [encode_prompt(tok, prompts[i % len(prompts)].prompt, cfg.data.max_prompt_tokens)
+    mine = [encode_prompt(tok, prompts[i % len(prompts)].chat, cfg.data.max_prompt_tokens)
             for i in range(accelerator.process_index, n, accelerator.num_processes)]
     with accelerator.autocast():
         responses = generate(policy, tok, mine, max_new_tokens=c.max_new_tokens,
@@ -283,7 +258,7 @@ def sample_rows(scorer: torch.nn.Module, groups: list[Group], norm: dict, pad_id
 
 def run(cfg: Config) -> Path:
     c = cfg.rm
-    sft, label, source = open_inputs(cfg)
+    sft, label, source, columns = open_inputs(cfg)
     tok = load_tokenizer(str(sft.model_dir), cfg.model)
     tok_sha = tokenizer_sha256(tok)
     # A manifest that does not describe its own model/ (an edited or mixed-up copy) is refused.
@@ -300,13 +275,15 @@ def run(cfg: Config) -> Path:
     guard = Guard("rm", stage.checkpoints)
 
     # --- Setup: data, model, optimizer ---------------------------------------------------------
-    norm_prompts = load_prompts(cfg.data.ppo, limit=c.norm_samples) if c.norm_samples else []
-    examples = load_ranked(source)
-    golds = gold_rankings(source, len(examples))
+    norm_prompts = (load_prompts(cfg.data.ppo, limit=c.norm_samples,
+                                 columns=column_map(cfg.data.columns, "ppo"))
+                    if c.norm_samples else [])
+    examples = load_ranked(source, columns=columns)
     groups, truncated = [], 0
-    for ex, gold in zip(examples, golds):
-        sequences, cut = encode_group(tok, ex.prompt, ex.responses, cfg.data.max_prompt_tokens,
+    for ex in examples:
+        sequences, cut = encode_group(tok, ex.chat, ex.responses, cfg.data.max_prompt_tokens,
                                       c.max_seq_len)
+        gold = tuple(gold_ranks(ex.gold_scores)) if ex.gold_scores is not None else None
         groups.append(Group(ex.prompt, ex.responses, sequences, ex.ranks, gold))
         truncated += cut
     random.Random(cfg.run.seed).shuffle(groups)

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.config import Config
-from pipeline.data import load_prompts, load_sft_conversations
+from pipeline.data import column_map, load_demonstrations, load_prompts
 from pipeline.models import (
     apply_lora,
     load_policy,
@@ -28,7 +28,14 @@ from pipeline.models import (
 from pipeline.progress import progress
 from pipeline.rundir import StageDir
 from pipeline.runtime import make_accelerator
-from pipeline.text import IGNORE_INDEX, decode, encode_prompt, generate, pad, tokenize_conversation
+from pipeline.text import (
+    IGNORE_INDEX,
+    decode,
+    encode_prompt,
+    generate,
+    pad,
+    tokenize_demonstration,
+)
 from pipeline.tracking import Tracker
 from pipeline.training import (
     Guard,
@@ -87,8 +94,10 @@ def run(cfg: Config) -> Path:
     guard = Guard("sft", stage.checkpoints)
 
     # --- Setup: data, model, optimizer ------------------------------------------------------
-    conversations = load_sft_conversations(cfg.data.sft)
-    sample_prompts = load_prompts(cfg.data.eval, limit=c.num_samples) if c.num_samples else []
+    demos = load_demonstrations(cfg.data.sft, columns=column_map(cfg.data.columns, "sft"))
+    sample_prompts = (load_prompts(cfg.data.eval, limit=c.num_samples,
+                                   columns=column_map(cfg.data.columns, "eval"))
+                      if c.num_samples else [])
     with accelerator.main_process_first():
         model, tok = load_policy(cfg.model, seed=cfg.run.seed)
     if cfg.model.lora.enabled:
@@ -97,14 +106,14 @@ def run(cfg: Config) -> Path:
         model.gradient_checkpointing_enable()
     n_trainable, n_total = trainable_parameters(model)
 
-    random.Random(cfg.run.seed).shuffle(conversations)
-    eval_rows, train_rows = conversations[: c.eval_size], conversations[c.eval_size:]
+    random.Random(cfg.run.seed).shuffle(demos)
+    eval_rows, train_rows = demos[: c.eval_size], demos[c.eval_size:]
     if c.train_size is not None:
         train_rows = train_rows[: c.train_size]
 
     def encode(rows):
-        return [tokenize_conversation(tok, m, cfg.data.max_prompt_tokens, c.max_seq_len)
-                for m in rows]
+        return [tokenize_demonstration(tok, d, cfg.data.max_prompt_tokens, c.max_seq_len)
+                for d in rows]
 
     train_set, eval_set = encode(train_rows), encode(eval_rows)
     generator = torch.Generator().manual_seed(cfg.run.seed)
@@ -193,7 +202,7 @@ def run(cfg: Config) -> Path:
     samples = []
     if accelerator.is_main_process and c.num_samples:
         prompts = sample_prompts
-        encoded = [encode_prompt(tok, p.prompt, cfg.data.max_prompt_tokens) for p in prompts]
+        encoded = [encode_prompt(tok, p.chat, cfg.data.max_prompt_tokens) for p in prompts]
         responses = generate(policy, tok, encoded, max_new_tokens=c.max_new_tokens,
                              temperature=0.0)
         samples = [{"prompt": p.prompt, "reference": p.reference, "response": decode(tok, r)}

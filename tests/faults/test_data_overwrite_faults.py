@@ -44,7 +44,8 @@ def test_compressed_file(tmp_path, capsys):
     data.write_bytes(gzip.compress((DATA / "sft.jsonl").read_bytes()))
     code, _, err = cli(capsys, "sft", *chain_args(tmp_path / "runs", "d"), f"data.sft={data}")
     assert code == 1
-    error_line(err, rf"{data}: a gzip-compressed file, expected JSONL text")
+    error_line(err, rf"{data}: a gzip-compressed file without the \.gz suffix \(name it "
+                    rf"sft\.jsonl\.gz to read it compressed\)")
     assert incomplete(tmp_path / "runs" / "d" / "sft")
 
 

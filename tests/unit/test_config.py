@@ -179,6 +179,33 @@ def test_lora_on_scratch_contradicts():
         load_config(None, ["model.init=scratch", "model.lora.enabled=true"])
 
 
+def test_data_columns_flat_and_per_split(tmp_path):
+    cfg = load_config(None, ["data.columns={question: prompt}",
+                             "data.columns.ppo={query: prompt, gold: reference}"])
+    assert cfg.data.columns == {"question": "prompt",
+                                "ppo": {"query": "prompt", "gold": "reference"}}
+    f = write(tmp_path / "c.yaml", "data:\n  columns:\n    question: prompt\n"
+                                   "    eval: {answer: reference}\n")
+    assert load_config(f).data.columns == {"question": "prompt", "eval": {"answer": "reference"}}
+
+
+def test_data_columns_problems_all_at_once():
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["data.columns={q: 3, train: {a: prompt}, ppo: {a: prompt, b: prompt}, "
+                           "eval: {x: ''}}"])
+    assert exc.value.problems == [
+        "data.columns.q=3: expected a column name (a non-empty string) or, under a split name, "
+        "a mapping",
+        "data.columns.train: a nested mapping must be under a split name (sft, label, ppo, "
+        "eval, ranked); a flat rename maps a column to a string",
+        "data.columns.eval.x='': expected a column name (a non-empty string)",
+        "data.columns.ppo: 'a' and 'b' both rename to 'prompt'",
+    ]
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["data.columns=prompt"])
+    assert exc.value.problems == ["data.columns='prompt': expected a mapping"]
+
+
 def test_yaml_syntax_error_names_file_and_line(tmp_path):
     f = write(tmp_path / "bad.yaml", "sft:\n  lr: 0.1\n  batch_size: [1, 2\nrun:\n  name: x\n")
     with pytest.raises(ConfigError) as exc:

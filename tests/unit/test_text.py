@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
+from pipeline.data import Demonstration
 from pipeline.models import load_tokenizer
 from pipeline.text import (
     IGNORE_INDEX,
@@ -14,6 +15,7 @@ from pipeline.text import (
     pad,
     pad_prompts,
     tokenize_conversation,
+    tokenize_demonstration,
     truncate_at_eos,
 )
 
@@ -76,6 +78,30 @@ def test_multi_turn_loss_on_both_assistant_turns_only(tok):
     # The second prompt (everything before the 2nd answer) is the sampling-time prompt.
     second = encode_prompt(tok, messages[:4], 256)
     assert ids[: len(second)] == second
+
+
+def test_prompt_completion_loss_skips_the_prompts_own_assistant_turns(tok):
+    prompt = [{"role": "user", "content": "Define cat."},
+              {"role": "assistant", "content": "A feline."},
+              {"role": "user", "content": "And dog?"}]
+    messages = [*prompt, {"role": "assistant", "content": "A canine."}]
+    demo = Demonstration(tuple(messages), first_target=len(prompt))
+    ids, labels = tokenize_demonstration(tok, demo, 64, 256)
+    assert tok.decode(labelled(ids, labels)) == "A canine.<|im_end|>"
+    # The same tokens as the whole conversation; only the mask differs.
+    all_ids, all_labels = tokenize_conversation(tok, messages, 64, 256)
+    assert ids == all_ids
+    assert tok.decode(labelled(all_ids, all_labels)) == "A feline.<|im_end|>A canine.<|im_end|>"
+    assert ids[: len(encode_prompt(tok, prompt, 256))] == encode_prompt(tok, prompt, 256)
+
+
+def test_text_row_is_trained_whole_without_chat_template(tok):
+    ids, labels = tokenize_demonstration(tok, Demonstration(text="The sky is blue."), 64, 256)
+    assert labels == ids
+    assert ids[-1] == tok.eos_token_id
+    assert tok.decode(ids) == "The sky is blue.<|im_end|>"
+    ids, labels = tokenize_demonstration(tok, Demonstration(text="word " * 50), 64, 10)
+    assert len(ids) == len(labels) == 10
 
 
 def test_truncation(tok):
