@@ -32,6 +32,7 @@ from transformers import (
 
 from pipeline.config import LoraConfig, ModelConfig
 from pipeline.errors import PipelineError
+from pipeline.rundir import apply_umask
 
 # short name -> (python package that ships the file, file name inside the package)
 PACKAGED = {
@@ -413,6 +414,7 @@ def save_pretrained_atomic(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    apply_umask(tmp)
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)

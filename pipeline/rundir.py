@@ -26,13 +26,39 @@ MANIFEST = "manifest.json"
 STAGES = ("sft", "label", "rm", "ppo", "eval")
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
+def apply_umask(folder: Path) -> None:
+    """Every file under ``folder`` given ``file_mode()``: libraries that write through a
+    private temp file (safetensors, and so transformers' save_pretrained) leave 0600."""
+    mode = file_mode()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers see old or new."""
+    """Write to a temp file in the same folder, fsync, then rename: readers see old or new.
+
+    The file gets the mode ``open()`` would give it (0666 less the umask): mkstemp's 0600
+    would otherwise survive the rename, leaving reports and manifests unreadable to others.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), file_mode())
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
