@@ -790,6 +790,22 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config mapping as ``{"ppo.lora.r": 16, ...}``; lists stay one value."""
+    if not isinstance(tree, dict) or (prefix and not tree):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        out.update(flatten(value, name) if isinstance(value, dict) and value else {name: value})
+    return out
+
+
+def key_matches(key: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a dotted key is one of ``patterns``, or under one that ends in a dot."""
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
+
 def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
 import importlib.util
@@ -404,6 +405,15 @@ def merged(model: torch.nn.Module) -> PreTrainedModel:
     """A plain transformers model: LoRA adapters merged in, so later stages load it directly."""
     if hasattr(model, "merge_and_unload"):
         return model.merge_and_unload()
+    return model
+
+
+def plain_copy(model: torch.nn.Module) -> PreTrainedModel:
+    """A plain transformers model with the weights of ``model``, to save while training goes
+    on: a LoRA model is merged into a copy (merging in place would end its adapter), any
+    other is returned as it is."""
+    if hasattr(model, "merge_and_unload"):
+        return copy.deepcopy(model).merge_and_unload()
     return model
 
 

@@ -392,7 +392,8 @@ def run(cfg: Config) -> Path:
             guard.check(step, **{f"held-out {k}": v for k, v in periodic.items()})
         if c.save_every and step % c.save_every == 0 and step < total_steps:
             save_checkpoint(stage.checkpoints, step, accelerator, **checkpointed,
-                            state={**loop.as_dict(), "before": before}, config=cfg)
+                            state={**loop.as_dict(), "before": before}, config=cfg,
+                            pretrained=(accelerator.unwrap_model(scorer).model, tok))
     bar.close()
     train_seconds = time.time() - start
     step = loop.step

@@ -180,7 +180,7 @@ def run(cfg: Config) -> Path:
             save_checkpoint(stage.checkpoints, step, accelerator, **checkpointed,
                             state={**loop.as_dict(),
                                    "eval_loss_before": metrics["eval_loss_before"]},
-                            config=cfg)
+                            config=cfg, pretrained=(model, tok))
     bar.close()
     train_seconds = time.time() - start
     step = loop.step

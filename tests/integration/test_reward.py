@@ -220,6 +220,13 @@ def test_resume_matches_uninterrupted(sft_dir: Path, toy_rm: Path) -> None:
     whole = read_manifest(reward.run(rm_config(root, "whole", sft_dir, *args)))
     # A run killed after its step-10 checkpoint (mid second epoch) leaves no manifest.
     killed = reward.run(rm_config(root, "killed", sft_dir, *args))
+    # The checkpoint's model/ is a plain sequence classifier with the weights it resumes.
+    checkpoint = killed / "checkpoints" / "step-0000010"
+    opened = AutoModelForSequenceClassification.from_pretrained(checkpoint / "model")
+    saved = load_file(str(checkpoint / "reward.safetensors"))
+    state = opened.state_dict()
+    assert "model.score.weight" in saved
+    assert all(torch.equal(state[k.removeprefix("model.")], v) for k, v in saved.items())
     (killed / MANIFEST).unlink()
     resumed = read_manifest(reward.run(rm_config(root, "killed", sft_dir, *args,
                                                  "run.resume=true")))

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import ModelConfig, config_sha256, load_config
 from pipeline.errors import PipelineError
 from pipeline.models import build_scratch, load_policy, load_tokenizer, tokenizer_sha256
-from pipeline.rundir import SCHEMA, open_parent
+from pipeline.rundir import SCHEMA, latest_checkpoint, open_parent
 from pipeline.text import IGNORE_INDEX, tokenize_conversation
 from stages import sft
 
@@ -148,6 +149,13 @@ def test_resume_matches_uninterrupted(tmp_path, tiny_overrides, extra):
     killed_overrides = [*tiny_overrides, *extra, "run.name=killed"]
     killed = sft.run(load_config(None, killed_overrides))
     assert (killed / "checkpoints" / "latest").is_file()
+    # A mid-run checkpoint opens with plain from_pretrained: the weights it would resume.
+    checkpoint = latest_checkpoint(killed / "checkpoints")
+    opened = AutoModelForCausalLM.from_pretrained(checkpoint / "model")
+    AutoTokenizer.from_pretrained(checkpoint / "model")
+    saved = load_file(str(checkpoint / "policy.safetensors"))
+    state = opened.state_dict()
+    assert saved and all(torch.equal(state[k], v) for k, v in saved.items())
     # Simulate a kill after the last checkpoint: no manifest, no final model.
     (killed / "manifest.json").unlink()
     shutil.rmtree(killed / "model")
