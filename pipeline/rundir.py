@@ -26,13 +26,39 @@ MANIFEST = "manifest.json"
 STAGES = ("sft", "label", "rm", "ppo", "eval")
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
+def apply_umask(folder: Path) -> None:
+    """Every file under ``folder`` given ``file_mode()``: libraries that write through a
+    private temp file (safetensors, and so transformers' save_pretrained) leave 0600."""
+    mode = file_mode()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers see old or new."""
+    """Write to a temp file in the same folder, fsync, then rename: readers see old or new.
+
+    The file gets the mode ``open()`` would give it (0666 less the umask): mkstemp's 0600
+    would otherwise survive the rename, leaving reports and manifests unreadable to others.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), file_mode())
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -185,6 +211,10 @@ class StageDir:
                 )
         if self.path.exists() and not self.path.is_dir():
             raise PipelineError(f"{self.path}: exists and is not a folder")
+        # Imported here: the hub module reads manifests through this one.
+        from pipeline.hub import check_push
+
+        check_push(self.cfg.run)
 
     def start(self) -> None:
         """Clear the folder (on overwrite, or an unfinished fresh start) and write the resolved
@@ -212,7 +242,11 @@ class StageDir:
         base_model: str | None = None,
         tokenizer_sha256: str | None = None,
     ) -> Path:
-        """Seal the stage: the manifest is the last file written."""
+        """Seal the stage: the manifest is the last file written.
+
+        A stage that saved a ``model/`` gets its model card first; with ``run.push_to_hub``
+        that folder is uploaded once the stage is sealed, so a failed upload never costs
+        the trained model."""
         if self.is_main:
             manifest = {
                 "schema": SCHEMA,
@@ -228,7 +262,17 @@ class StageDir:
                 "metrics": metrics,
                 "extras": extras or {},
             }
+            model_dir = self.path / "model"
+            publish = (model_dir / "config.json").is_file()
+            if publish:
+                from pipeline import hub
+
+                atomic_write_text(model_dir / hub.CARD, hub.model_card(self.path, manifest,
+                                                                       self.cfg))
             atomic_write_json(self.path / MANIFEST, manifest)
+            if publish and self.cfg.run.push_to_hub:
+                url = hub.push_model(model_dir, self.stage, self.cfg.run)
+                print(f"[{self.stage}] pushed {model_dir} to {url}", flush=True)
         return self.path
 
     def write_jsonl(self, path: Path, rows: list[dict]) -> None:

@@ -4,7 +4,8 @@ A checkpoint holds everything needed for a resumed run to match an uninterrupted
 trainable weights (safetensors), optimizer and scheduler states, every process's RNG state and
 the stage's own counters (step, data position, KL coefficient, ...). It is written to a temp
 folder and renamed, and ``latest`` is updated last, so a kill mid-save leaves the previous
-checkpoint as the one to resume from.
+checkpoint as the one to resume from. Beside these, ``model/`` holds the model being trained in
+transformers' format (LoRA merged), for ``from_pretrained`` to open mid-run.
 
 Checkpoints hold only tensors, numbers, strings and lists: they are read back with
 ``torch.load(..., weights_only=True)``, so a checkpoint folder from elsewhere cannot run code
@@ -36,9 +37,10 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
-from pipeline.config import Config, to_dict, to_yaml
+from pipeline.config import Config, flatten, key_matches, to_dict, to_yaml
 from pipeline.errors import PipelineError
-from pipeline.rundir import atomic_write_text, latest_checkpoint
+from pipeline.models import plain_copy
+from pipeline.rundir import apply_umask, atomic_write_text, latest_checkpoint
 from pipeline.runtime import rng_state, set_rng_state
 
 KEEP_CHECKPOINTS = 2
@@ -79,9 +81,15 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(folder: Path, step: int, accelerator: Accelerator, *,
                     models: dict[str, torch.nn.Module],
                     optimizers: dict[str, Any], state: dict[str, Any],
-                    config: Config | None = None) -> None:
+                    config: Config | None = None,
+                    pretrained: tuple[torch.nn.Module, Any] | None = None) -> None:
     """Write ``folder/step-N`` (weights, optimizer/scheduler states, RNG, ``state`` and the
-    resolved ``config`` that a resume is compared with)."""
+    resolved ``config`` that a resume is compared with).
+
+    ``pretrained`` (the stage's transformers model and its tokenizer) also goes to
+    ``step-N/model/`` in transformers' own format, LoRA merged, so a mid-run checkpoint opens
+    with ``from_pretrained`` like a finished stage's model; resuming reads only the files
+    above."""
     target = folder / f"step-{step:07d}"
     tmp = folder / f".step-{step:07d}.tmp"
     if accelerator.is_main_process:
@@ -97,9 +105,15 @@ def save_checkpoint(folder: Path, step: int, accelerator: Accelerator, *,
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
         if config is not None:
             (tmp / "config.yaml").write_text(to_yaml(config))
+        if pretrained is not None:
+            model, tok = pretrained
+            plain_copy(accelerator.unwrap_model(model)).save_pretrained(
+                tmp / "model", safe_serialization=True)
+            tok.save_pretrained(tmp / "model")
     torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        apply_umask(tmp)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
         atomic_write_text(folder / "latest", target.name + "\n")
@@ -229,28 +243,13 @@ STAGE_INPUTS = {
 }
 
 
-def _matches(key: str, patterns: tuple[str, ...]) -> bool:
-    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict) or (prefix and not tree):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        # Lists (ppo.rewards, target_modules) compare as one value.
-        out.update(_flatten(value, name) if isinstance(value, dict) and value else {name: value})
-    return out
-
-
 def config_changes(old: dict, cfg: Config, stage: str) -> list[str]:
     """``key: old -> new`` for every key ``stage`` reads that differs and may not change."""
-    before, after = _flatten(old), _flatten(to_dict(cfg))
+    before, after = flatten(old), flatten(to_dict(cfg))
     inputs = STAGE_INPUTS[stage]
     return [f"{key}: {before[key]!r} -> {after[key]!r}" for key in sorted(after)
             if key in before and before[key] != after[key]
-            and _matches(key, inputs) and not _matches(key, RESUME_MAY_CHANGE)]
+            and key_matches(key, inputs) and not key_matches(key, RESUME_MAY_CHANGE)]
 
 
 def resume_checkpoint(stage, cfg: Config) -> Path | None:

@@ -38,6 +38,7 @@ from pipeline.models import (
     load_reward_backbone,
     load_reward_model,
     merged,
+    plain_copy,
     save_pretrained_atomic,
     tokenizer_sha256,
     trainable_parameters,
@@ -518,7 +519,7 @@ def run(cfg: Config) -> Path:
             tracker.log_table("samples", table, step=update)
         if c.snapshot_every and update % c.snapshot_every == 0 and update < c.num_updates:
             if accelerator.is_main_process:
-                snapshot = merged(copy.deepcopy(unwrapped_policy.model))
+                snapshot = plain_copy(unwrapped_policy.model)
                 save_pretrained_atomic(snapshot, tok,
                                        stage.path / "snapshots" / f"update-{update:06d}")
                 del snapshot
@@ -528,7 +529,8 @@ def run(cfg: Config) -> Path:
                             optimizers=optimizers,
                             state={"cursor": cursor, "ptx_cursor": ptx_cursor,
                                    "kl_ctl": kl_ctl.state_dict(),
-                                   "lagrange": lagrange.state_dict()}, config=cfg)
+                                   "lagrange": lagrange.state_dict()}, config=cfg,
+                            pretrained=(unwrapped_policy.model, tok))
     bar.close()
 
     # --- Save ----------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Plots are inline base64 PNGs drawn with matplotlib's Agg backend and the CSS is inline, so the
 file opens from disk with no network, no external assets and no JavaScript. Every section works
-with whatever stages exist; a missing stage's section says so.
+with whatever stages exist; a missing stage's section says so. Policies, curves and settings are
+read from the run's own files (eval results, metrics.jsonl, config.yaml), so a policy or a
+metric added later appears without a change here.
 """
 
 from __future__ import annotations
@@ -11,35 +13,76 @@ import base64
 import html
 import io
 import json
+import math
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pipeline.config import Config  # noqa: E402
+from pipeline.config import Config, flatten, key_matches, to_dict  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.rundir import STAGES, atomic_write_text, read_manifest  # noqa: E402
+from pipeline.hub import describe_base  # noqa: E402
+from pipeline.rundir import (  # noqa: E402
+    MANIFEST,
+    STAGES,
+    atomic_write_text,
+    file_sha256,
+    read_manifest,
+)
+from pipeline.training import STAGE_INPUTS  # noqa: E402
 
 REPORT = "report.html"
-# Sample rows shown in the report.
+# Sample prompts shown in the report (each with every policy's response).
 NUM_SAMPLES = 12
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
-       max-width: 1100px; color: #222; line-height: 1.4; padding: 0 1em; }
+       max-width: 1200px; color: #222; line-height: 1.4; padding: 0 1em; }
 h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
 h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
+h3 { margin-bottom: .3em; }
+nav a { margin-right: 1em; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: left; vertical-align: top; }
 th { background: #f0f0f0; }
 td.num { text-align: right; font-family: monospace; }
+td.policy { white-space: nowrap; }
+tr.set td { background: #fff6d5; }
+tbody.prompt { border-top: 3px solid #888; }
 img.plot { max-width: 100%; display: block; margin: 1em 0; border: 1px solid #eee; }
 p.missing { color: #a33; font-style: italic; }
 .small { font-size: 0.85em; color: #555; }
+.grid { display: flex; flex-wrap: wrap; gap: 0 1.5em; align-items: flex-start; }
+.grid table { font-size: 0.8em; }
+.grid td { max-width: 22em; overflow-wrap: anywhere; }
+pre { background: #f7f7f7; padding: .6em; overflow-x: auto; font-size: 0.85em; }
 """
+
+# Curve groups of a stage's metrics.jsonl: (title, key prefixes). A key no group claims goes
+# to "Other", so every logged number is plotted.
+CURVE_GROUPS = (
+    ("Objective", ("objective/",)),
+    ("Reward terms", ("reward/",)),
+    ("Policy", ("policy/", "loss/policy", "loss/ptx")),
+    ("Value function", ("val/", "loss/value")),
+    ("Responses", ("response/",)),
+    ("Training", ("train/",)),
+    ("Held-out evaluation", ("eval/",)),
+    ("Reward normalization", ("norm/",)),
+    ("Learning rates", ("lr/",)),
+    ("Timing and throughput", ("time/", "perf/")),
+)
+# Keys sharing a prefix here share one panel (same unit), each with its own marker and line:
+# prefix -> the panel's title.
+OVERLAYS = {"time/": "seconds per update (time/*)", "lr/": "learning rate (lr/*)"}
+# Columns of metrics.jsonl rows that are not curves.
+NOT_CURVES = ("step", "time")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,7 +99,13 @@ def fmt(value) -> str:
         return esc(value)
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return esc(json.dumps(value))
     return esc(value)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -67,18 +116,33 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def series(rows: list[dict], key: str) -> tuple[list, list]:
-    points = [(r["step"], r[key]) for r in rows
-              if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+    points = [(r["step"], r[key]) for r in rows if is_number(r.get(key))]
     return [p[0] for p in points], [p[1] for p in points]
+
+
+def style(i: int, n_points: int = 0) -> dict:
+    """Plot style of the i-th series of an axes: colour, marker and line all differ, so two
+    series that coincide stay visible (a dashed line over a solid one, markers apart)."""
+    colors = plt.get_cmap("tab10").colors
+    markers = "osD^vP*Xh<>"
+    lines = ("-", "--", "-.", ":")
+    return {"color": colors[i % len(colors)], "marker": markers[i % len(markers)],
+            "linestyle": lines[i % len(lines)], "markersize": 4 + (i % 3), "linewidth": 1.4,
+            "markevery": max(1, n_points // 25), "markerfacecolor": "none" if i % 2 else None}
+
+
+def legend_outside(ax, ncol: int = 1) -> None:
+    """The legend under the axes: inside, it can hide the very points the plot is about."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=ncol, fontsize=8,
+              frameon=False)
 
 
 def figure_img(name: str, draw: Callable, title: str, size=(7.0, 4.0)) -> str:
     """Draw with ``draw(fig)`` and return an <img> with the PNG inline."""
-    fig = plt.figure(figsize=size, dpi=100)
+    fig = plt.figure(figsize=size, dpi=100, layout="constrained")
     try:
         draw(fig)
         fig.suptitle(title)
-        fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
     finally:
@@ -89,13 +153,21 @@ def figure_img(name: str, draw: Callable, title: str, size=(7.0, 4.0)) -> str:
             "onerror=\"document.body.setAttribute('data-broken','1')\">")
 
 
-def table(headers: list[str], rows: list[list], numeric: bool = True) -> str:
+def table(headers: list[str], rows: list[list], numeric: bool = True,
+          classes: list[str] | None = None) -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     body = "".join(
-        "<tr>" + "".join(
-            f'<td class="num">{fmt(v)}</td>' if numeric and isinstance(v, (int, float))
-            and not isinstance(v, bool) else f"<td>{fmt(v)}</td>" for v in row) + "</tr>"
-        for row in rows)
+        (f'<tr class="{classes[i]}">' if classes and classes[i] else "<tr>") + "".join(
+            f'<td class="num">{fmt(v)}</td>' if numeric and is_number(v) else f"<td>{fmt(v)}</td>"
+            for v in row) + "</tr>"
+        for i, row in enumerate(rows))
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def raw_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A table of cells that are already HTML."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -103,40 +175,241 @@ def missing(what: str) -> str:
     return f'<p class="missing">{esc(what)}</p>'
 
 
-def reliability(ax, bins: list[dict], label: str) -> None:
+def link(run_dir: Path, target: Path, text: str | None = None) -> str:
+    """A link to a folder or file: relative when it is in this run or a sibling run (so a
+    copied runs folder keeps its links), else absolute."""
+    try:
+        href = os.path.relpath(target, run_dir)
+    except ValueError:  # another drive (Windows)
+        href = "../../"
+    if href.startswith("../../"):
+        href = Path(target).resolve().as_uri()
+    if Path(target).is_dir():
+        href += "/"
+    return f'<a href="{esc(href)}">{esc(text or href)}</a>'
+
+
+def markdown_code(text: str) -> str:
+    """Escaped text with its `code` spans as <code>."""
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", esc(text))
+
+
+def when(created: str | None) -> str:
+    """An ISO time as "2026-12-01 10:55 UTC"."""
+    if not created:
+        return "—"
+    text = created.replace("T", " ")
+    return text[:16] + " UTC" if text.endswith("+00:00") else text
+
+
+def policy_label(name: str, results: dict) -> str:
+    if name == "bon":
+        return f"best-of-{results.get('best_of_n')}"
+    return "base" if name == "base" else name.upper()
+
+
+def reliability(ax, bins: list[dict], label: str, i: int = 0) -> None:
     """Reliability diagram: accuracy against mean confidence of each non-empty bin."""
     used = [b for b in bins if b.get("count")]
-    ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], "o-", label=label)
+    ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], label=label,
+            **style(i + 1))
 
 
-def reliability_axes(ax) -> None:
-    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="perfect calibration")
+def reliability_axes(ax, ncol: int = 1) -> None:
+    ax.plot([0, 1], [0, 1], color="k", linestyle=":", linewidth=0.8, label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
-    ax.legend(fontsize=8)
-
-
-def curves(rows: list[dict], keys: list[str], xlabel: str):
-    """A draw function: one subplot per key that has data."""
-    present = [k for k in keys if series(rows, k)[0]]
-
-    def draw(fig):
-        n = len(present)
-        cols = 2 if n > 1 else 1
-        nrows = (n + cols - 1) // cols
-        for i, key in enumerate(present):
-            ax = fig.add_subplot(nrows, cols, i + 1)
-            ax.plot(*series(rows, key), marker=".")
-            ax.set_title(key, fontsize=9)
-            ax.set_xlabel(xlabel)
-    return present, draw
+    legend_outside(ax, ncol)
 
 
 # ---------------------------------------------------------------------------------------------
-# Sections
+# Curves: every number a stage logged, grouped
 # ---------------------------------------------------------------------------------------------
+
+
+def curve_keys(rows: list[dict]) -> list[str]:
+    keys: dict[str, None] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k not in NOT_CURVES and is_number(v):
+                keys.setdefault(k)
+    return list(keys)
+
+
+def group_curves(keys: list[str]) -> list[tuple[str, list[str]]]:
+    groups: dict[str, list[str]] = {title: [] for title, _ in CURVE_GROUPS}
+    groups["Other"] = []
+    for key in keys:
+        title = next((t for t, prefixes in CURVE_GROUPS
+                      if any(key.startswith(p) for p in prefixes)), "Other")
+        groups[title].append(key)
+    return [(title, ks) for title, ks in groups.items() if ks]
+
+
+def panels(keys: list[str]) -> list[list[str]]:
+    """Keys to plot together: one panel per key, except the overlaid prefixes."""
+    out: list[list[str]] = []
+    shared: dict[str, list[str]] = {}
+    for key in keys:
+        prefix = next((p for p in OVERLAYS if key.startswith(p)), None)
+        if prefix is None:
+            out.append([key])
+        elif prefix in shared:
+            shared[prefix].append(key)
+        else:
+            shared[prefix] = [key]
+            out.append(shared[prefix])
+    return out
+
+
+def curve_figures(stage: str, rows: list[dict], xlabel: str, skip: tuple[str, ...] = ()) -> str:
+    """One figure per curve group; constant curves are listed rather than drawn."""
+    out = []
+    for title, keys in group_curves([k for k in curve_keys(rows) if k not in skip]):
+        drawn, constant = [], []
+        for key in keys:
+            values = series(rows, key)[1]
+            (constant if len(values) > 1 and len(set(values)) == 1 else drawn).append(key)
+        groups = panels(drawn)
+        if groups:
+            cols = min(3, len(groups))
+            nrows = math.ceil(len(groups) / cols)
+
+            def draw(fig, groups=groups, cols=cols, nrows=nrows):
+                for i, group in enumerate(groups):
+                    ax = fig.add_subplot(nrows, cols, i + 1)
+                    for j, key in enumerate(group):
+                        xs, ys = series(rows, key)
+                        ax.plot(xs, ys, label=key, **style(j, len(xs)))
+                    prefix = group[0].split("/")[0] + "/"
+                    ax.set_title(group[0] if len(group) == 1 else OVERLAYS[prefix], fontsize=9)
+                    ax.set_xlabel(xlabel, fontsize=8)
+                    ax.tick_params(labelsize=7)
+                    if len(group) > 1:
+                        legend_outside(ax, ncol=2)
+
+            slug = f"{stage}_{title.lower().replace(' ', '_')}"
+            out.append(figure_img(slug, draw, f"{stage.upper()}: {title.lower()}",
+                                  size=(3.6 * cols, 2.7 * nrows + 0.5)))
+        if constant:
+            out.append('<p class="small">Constant over the run: ' + ", ".join(
+                f"{esc(k)} = {fmt(series(rows, k)[1][0])}" for k in constant) + ".</p>")
+    return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration, model and lineage
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_config(run_dir: Path, stage: str) -> dict:
+    path = run_dir / stage / "config.yaml"
+    try:
+        values = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        values = None
+    return flatten(values) if isinstance(values, dict) else {}
+
+
+def relevant(keys: list[str], config: dict) -> list[str]:
+    """Drop settings that do nothing here: a LoRA adapter's settings when it is off, the
+    random-init sizes of a pretrained model."""
+    def unused(key: str) -> bool:
+        head, _, rest = key.partition(".lora.")
+        if rest and rest != "enabled" and config.get(f"{head}.lora.enabled") is False:
+            return True
+        return key.startswith("model.scratch.") and config.get("model.init") != "scratch"
+
+    return [k for k in keys if not unused(k)]
+
+
+def stage_keys(stage: str, config: dict) -> list[str]:
+    """The settings a stage reads, the model's aside (they have their own table)."""
+    patterns = STAGE_INPUTS.get(stage, (f"{stage}.", f"data.{stage}", "run.seed"))
+    return relevant([k for k in config if key_matches(k, patterns)
+                     and not k.startswith("model.")], config)
+
+
+def settings_table(keys: list[str], config: dict, defaults: dict) -> str:
+    """The settings that differ from the defaults, then every setting behind a toggle."""
+    rows, classes = [], []
+    for key in keys:
+        value, default = config[key], defaults.get(key, "—")
+        rows.append([key, value, default])
+        classes.append("set" if value != default else "")
+    changed = [row for row, c in zip(rows, classes) if c]
+    shown = (table(["set", "value", "default"], changed, numeric=False) if changed
+             else '<p class="small">Every setting at its default.</p>')
+    return (shown + f"<details><summary>all {len(rows)} settings</summary>"
+            + table(["key", "value", "default"], rows, numeric=False, classes=classes)
+            + "</details>")
+
+
+def config_section(run_dir: Path, manifests: dict[str, dict]) -> str:
+    if not manifests:
+        return missing(f"No finished stages in {run_dir}.")
+    defaults = flatten(to_dict(Config()))
+    configs = {stage: stage_config(run_dir, stage) for stage in manifests}
+    first = next((s for s in ("sft", *manifests) if configs.get(s)), None)
+    if first is None:
+        return missing("No stage of this run kept its config.yaml.")
+    sft = manifests.get("sft") or {}
+    metrics = sft.get("metrics", {})
+    model = [["base weights", markdown_code(describe_base([sft or manifests[first]]))],
+             ["parameters (trainable / total)",
+              f"{metrics.get('trainable_params', '?')} / {metrics.get('total_params', '?')}"
+              if metrics else "—"],
+             ["tokenizer sha256", str(sft.get("tokenizer_sha256") or "—")[:16]]]
+    model_keys = relevant([k for k in configs[first] if k.startswith("model.")], configs[first])
+    out = ['<p class="small">The settings each stage ran with, from its own config.yaml '
+           "(linked): those that differ from the defaults, and all of them (highlighted where "
+           "they differ) behind each toggle.</p>",
+           "<h3>Model</h3>", raw_table(["", "value"], model),
+           settings_table(model_keys, configs[first], defaults),
+           "<h3>Stages</h3>", '<div class="grid">']
+    for stage in manifests:
+        if not configs[stage]:
+            continue
+        out.append(f"<div><h3>{esc(stage)} "
+                   f'<span class="small">({link(run_dir, run_dir / stage / "config.yaml", "config.yaml")})'
+                   "</span></h3>"
+                   + settings_table(stage_keys(stage, configs[stage]), configs[stage], defaults)
+                   + "</div>")
+    out.append("</div>")
+    return "".join(out)
+
+
+def stage_summary(stage: str, m: dict) -> str:
+    """A stage's main numbers in a sentence (every metric is in the row's details)."""
+    def g(key):
+        v = m.get(key)
+        return f"{v:.4g}" if is_number(v) else "?"
+
+    if stage == "sft" and "eval_loss_after" in m:
+        return (f"held-out loss {g('eval_loss_before')} → {g('eval_loss_after')} in "
+                f"{g('steps')} steps on {g('train_rows')} rows")
+    if stage == "label" and "rows" in m:
+        return (f"{g('rows')} prompts ranked, K = {g('k')}; annotators agree with gold on "
+                f"{g('agreement_with_gold')} of pairs")
+    if stage == "rm" and "eval_accuracy_after" in m:
+        gold = (f" (gold {g('eval_accuracy_gold_before')} → {g('eval_accuracy_gold_after')})"
+                if "eval_accuracy_gold_after" in m else "")
+        return (f"held-out pair accuracy {g('eval_accuracy_before')} → "
+                f"{g('eval_accuracy_after')}{gold} in {g('steps')} steps")
+    if stage == "ppo" and "updates" in m:
+        parts = [f"{g('updates')} updates"]
+        for name, what in (("scores", "score"), ("kl", "KL"), ("gold", "gold")):
+            if f"{name}_end" in m:
+                parts.append(f"{what} {g(name + '_start')} → {g(name + '_end')}")
+        return "; ".join(parts)
+    if stage == "eval":
+        golds = [f"{k[5:]} {g(k)}" for k in m if k.startswith("gold_")]
+        if golds:
+            return "mean gold score: " + ", ".join(golds)
+    shown = [f"{k} = {fmt(v)}" for k, v in m.items() if is_number(v)][:6]
+    return "; ".join(shown)
 
 
 def lineage(run_dir: Path, manifests: dict[str, dict]) -> str:
@@ -144,14 +417,31 @@ def lineage(run_dir: Path, manifests: dict[str, dict]) -> str:
         return missing(f"No finished stages in {run_dir}.")
     rows = []
     for stage, m in manifests.items():
+        parents = []
+        for role, ref in m.get("parents", {}).items():
+            path = Path(ref["path"])
+            current = (path / MANIFEST).is_file() and file_sha256(path / MANIFEST) == ref.get(
+                "manifest_sha256")
+            note = "" if current else " (changed or gone since)"
+            parents.append(f"{esc(role)}: {link(run_dir, path, ref['path'])}{esc(note)}")
         metrics = m.get("metrics", {})
-        shown = ", ".join(f"{k}={fmt(v)}" for k, v in list(metrics.items())[:10]
-                          if isinstance(v, (int, float, str)) and not isinstance(v, bool))
-        parents = ", ".join(f"{k}: {Path(v['path']).name}" for k, v in m.get("parents", {}).items())
-        rows.append([stage, m.get("status"), m.get("created"), str(m.get("git_sha"))[:12],
-                     parents, shown])
-    return table(["stage", "status", "created", "git sha", "parents", "key metrics"], rows,
-                 numeric=False)
+        details = ("<details><summary>all metrics</summary>"
+                   + table(["metric", "value"], [[k, v] for k, v in metrics.items()])
+                   + "</details>") if metrics else ""
+        model = (link(run_dir, run_dir / stage / "model", "model/")
+                 if (run_dir / stage / "model").is_dir() else "—")
+        scratch = (m.get("extras") or {}).get("init") == "scratch"
+        base = m.get("base_model") or ("none (random init)" if scratch else "—")
+        rows.append([esc(stage), link(run_dir, run_dir / stage), esc(when(m.get("created"))),
+                     esc(str(m.get("git_sha"))[:12]), "<br>".join(parents) or "—", esc(base),
+                     model, esc(stage_summary(stage, metrics)) + details])
+    return raw_table(["stage", "folder", "finished", "git sha", "consumed", "base model",
+                      "model", "result"], rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage sections
+# ---------------------------------------------------------------------------------------------
 
 
 def sft_section(run_dir: Path, manifest: dict | None) -> str:
@@ -161,61 +451,65 @@ def sft_section(run_dir: Path, manifest: dict | None) -> str:
 
     def draw(fig):
         ax = fig.add_subplot(1, 1, 1)
-        for key in ("train/loss", "eval/loss"):
+        for i, key in enumerate(("train/loss", "eval/loss")):
             xs, ys = series(rows, key)
             if xs:
-                ax.plot(xs, ys, marker="o" if key == "eval/loss" else ".", label=key)
+                ax.plot(xs, ys, label=key, **style(i, len(xs)))
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (nats / token)")
-        ax.legend()
+        legend_outside(ax, ncol=2)
 
     m = manifest.get("metrics", {})
     return (figure_img("sft_loss", draw, "SFT loss")
             + table(["eval loss before", "eval loss after", "steps"],
-                    [[m.get("eval_loss_before"), m.get("eval_loss_after"), m.get("steps")]]))
+                    [[m.get("eval_loss_before"), m.get("eval_loss_after"), m.get("steps")]])
+            + curve_figures("sft", rows, "optimizer step", skip=("train/loss", "eval/loss")))
 
 
-def rm_section(manifest: dict | None) -> str:
+def rm_section(run_dir: Path, manifest: dict | None) -> str:
     if manifest is None:
         return missing("No reward-model stage in this run.")
     m = manifest.get("metrics", {})
-    bins = manifest.get("extras", {}).get("calibration") or []
+    extras = manifest.get("extras", {})
+    bins = extras.get("calibration") or []
     labels = [k for k in ("eval_accuracy", "eval_accuracy_gold", "eval_ece")
               if f"{k}_before" in m or f"{k}_after" in m]
 
     def draw(fig):
         ax = fig.add_subplot(1, 2 if bins else 1, 1)
         x = range(len(labels))
-        ax.bar([i - 0.2 for i in x], [m.get(f"{k}_before") or 0 for k in labels], 0.4,
-               label="before")
-        ax.bar([i + 0.2 for i in x], [m.get(f"{k}_after") or 0 for k in labels], 0.4,
-               label="after")
+        for i, (when, shift, hatch) in enumerate((("before", -0.2, "//"), ("after", 0.2, ""))):
+            ax.bar([j + shift for j in x], [m.get(f"{k}_{when}") or 0 for k in labels], 0.4,
+                   label=when, color=style(i)["color"], hatch=hatch, edgecolor="black")
         ax.set_xticks(list(x), [k.replace("eval_", "") for k in labels], fontsize=8)
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=8)
+        legend_outside(ax, ncol=2)
         ax.set_title("held-out pairs", fontsize=9)
         if bins:
             ax2 = fig.add_subplot(1, 2, 2)
             reliability(ax2, bins, "reward model (after)")
-            reliability_axes(ax2)
+            reliability_axes(ax2, ncol=2)
             ax2.set_title("calibration of pairwise preference", fontsize=9)
 
     rows = [[k.replace("eval_", ""), m.get(f"{k}_before"), m.get(f"{k}_after")] for k in labels]
     note = "" if bins else missing("The reward model's manifest has no calibration bins.")
+    norm = ""
+    if "norm_bias" in extras:
+        norm = (f'<p class="small">PPO reads this model\'s score as (score + '
+                f"{fmt(extras['norm_bias'])}) × {fmt(extras.get('norm_scale'))}: mean 0, std 1 "
+                f"on {fmt(extras.get('norm_samples'))} samples of the SFT policy.</p>")
     return (figure_img("rm_accuracy", draw, "Reward model: accuracy and calibration",
-                       size=(9.0, 4.0))
-            + table(["metric", "before", "after"], rows) + note)
+                       size=(9.0, 4.2))
+            + table(["metric", "before", "after"], rows) + note + norm
+            + curve_figures("rm", read_metrics(run_dir / "rm" / "metrics.jsonl"),
+                            "optimizer step"))
 
 
 def ppo_section(run_dir: Path, manifest: dict | None) -> str:
     if manifest is None:
         return missing("No PPO stage in this run.")
-    rows = read_metrics(run_dir / "ppo" / "metrics.jsonl")
-    present, draw = curves(rows, ["objective/scores", "objective/kl", "objective/gold",
-                                  "response/length"], "update")
-    if not present:
-        return missing("The PPO stage logged no curves.")
-    return figure_img("ppo_curves", draw, "PPO training curves", size=(9.0, 6.0))
+    figures = curve_figures("ppo", read_metrics(run_dir / "ppo" / "metrics.jsonl"), "update")
+    return figures or missing("The PPO stage logged no curves.")
 
 
 def overoptimization_section(results: dict) -> str:
@@ -226,7 +520,7 @@ def overoptimization_section(results: dict) -> str:
     def draw(fig):
         ax = fig.add_subplot(1, 1, 1)
         kl = [p["kl"] for p in points]
-        ax.plot(kl, [p["gold"] for p in points], "o-", color="tab:green", label="gold score")
+        ax.plot(kl, [p["gold"] for p in points], label="gold score", **style(0))
         ax.set_xlabel("KL(policy || SFT), nats per response")
         ax.set_ylabel("gold score")
         for p in points:
@@ -235,11 +529,10 @@ def overoptimization_section(results: dict) -> str:
         handles, labels = ax.get_legend_handles_labels()
         if all(p.get("rm") is not None for p in points):
             ax2 = ax.twinx()
-            ax2.plot(kl, [p["rm"] for p in points], "s--", color="tab:blue", label="RM score")
+            ax2.plot(kl, [p["rm"] for p in points], label="RM score", **style(1))
             ax2.set_ylabel("reward model score (normalized)")
             more = ax2.get_legend_handles_labels()
             handles, labels = handles + more[0], labels + more[1]
-        # Below the axes: inside, a legend can hide the very points the plot is about.
         ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2,
                   fontsize=8, frameon=False)
 
@@ -255,14 +548,15 @@ def calibration_section(results: dict) -> str:
 
     def draw(fig):
         ax = fig.add_subplot(1, 1, 1)
-        for name, row in probe.items():
-            reliability(ax, row["bins"], f"{name} (ECE {row['ece']:.3f})")
-        reliability_axes(ax)
+        for i, (name, row) in enumerate(probe.items()):
+            reliability(ax, row["bins"],
+                        f"{policy_label(name, results)} (ECE {row['ece']:.3f})", i)
+        reliability_axes(ax, ncol=2)
 
-    rows = [[name, row["accuracy"], row["mean_confidence"], row["ece"]]
+    rows = [[policy_label(name, results), row["accuracy"], row["mean_confidence"], row["ece"]]
             for name, row in probe.items()]
     return (figure_img("calibration_probe", draw,
-                       "Calibration probe: 4-way multiple-choice definitions", size=(6.0, 5.0))
+                       "Calibration probe: 4-way multiple-choice definitions", size=(6.0, 5.5))
             + table(["policy", "accuracy", "mean confidence", "ECE"], rows))
 
 
@@ -280,14 +574,16 @@ def results_section(results: dict) -> str:
     rows = []
     for name, r in policies.items():
         kl = r.get("kl")
+        label = policy_label(name, results)
         if name == "bon":
             # Its KL is the analytic log N - (N-1)/N, not an estimate from samples.
-            name = f"best-of-{results.get('best_of_n')} (SFT samples, by RM; analytic KL)"
-        rows.append([name, ci(r["gold"]), ci(r.get("rm")),
+            label += " (SFT samples, by RM; analytic KL)"
+        rows.append([label, ci(r["gold"]), ci(r.get("rm")),
                      f"{ci(kl)} vs {kl['reference']}" if kl else "—",
                      r["length_mean"], r["no_eos_frac"], r["headword_violation_frac"],
                      r["length_violation_frac"], r["cost_mean"]])
-    wins = [[k.replace("_", " "), ci(v)] for k, v in (results.get("win_rates") or {}).items()]
+    wins = [[" vs ".join(policy_label(n, results) for n in k.split("_vs_")), ci(v)]
+            for k, v in (results.get("win_rates") or {}).items()]
     return (table(["policy", "gold (95% CI)", "RM score (95% CI)", "KL (95% CI)",
                    "mean length (tokens)", "no EOS", "uses headword", "outside length bounds",
                    "profanity cost"], rows)
@@ -296,20 +592,43 @@ def results_section(results: dict) -> str:
               f'{results.get("temperature")}, judge {esc(results.get("judge"))}.</p>')
 
 
-def samples_section(run_dir: Path) -> str:
+def sample_policies(rows: list[dict], results: dict) -> list[str]:
+    """The policies with a response in the samples: those of the results in their order,
+    then any other entry that holds a response."""
+    found = [k for k, v in rows[0].items() if isinstance(v, dict) and "response" in v]
+    order = [k for k in (results.get("policies") or {}) if k in found]
+    return order + [k for k in found if k not in order]
+
+
+def samples_section(run_dir: Path, results: dict) -> str:
     path = run_dir / "eval" / "samples.jsonl"
     if not path.is_file():
         return missing("No eval samples.")
     rows = [json.loads(line) for line in path.read_text().splitlines()[:NUM_SAMPLES] if line]
-    names = [n for n in ("sft", "ppo") if rows and n in rows[0]]
-
-    def cell(r, name):
-        s = r[name]
-        return f"{s['response']}  (gold {s['gold']:.3f})"
-
-    return table(["prompt", "reference", *[f"{n.upper()} response" for n in names]],
-                 [[r["prompt"], r["reference"], *[cell(r, n) for n in names]] for r in rows],
-                 numeric=False)
+    if not rows:
+        return missing("The eval stage wrote no samples.")
+    names = sample_policies(rows, results)
+    has_rm = any(isinstance(r[n].get("rm"), (int, float)) for r in rows for n in names)
+    head = "".join(f"<th>{h}</th>" for h in ["prompt", "policy", "response", "gold",
+                                             *(["RM"] if has_rm else [])])
+    bodies = []
+    for r in rows:
+        lines = []
+        for i, name in enumerate(names):
+            s = r[name]
+            first = (f'<td rowspan="{len(names)}">{esc(r.get("prompt"))}'
+                     f'<div class="small">reference: {esc(r.get("reference"))}</div></td>'
+                     if i == 0 else "")
+            cells = [esc(s.get("response")), fmt(s.get("gold")),
+                     *([fmt(s.get("rm"))] if has_rm else [])]
+            lines.append(f'<tr data-policy="{esc(name)}">{first}'
+                         f'<td class="policy">{esc(policy_label(name, results))}</td>'
+                         + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        bodies.append('<tbody class="prompt">' + "".join(lines) + "</tbody>")
+    return (f'<p class="small">The first {len(rows)} held-out prompts; every policy\'s response '
+            "to each, with its gold score" + (" and normalized reward-model score" if has_rm
+                                               else "") + ".</p>"
+            f"<table><tr>{head}</tr>{''.join(bodies)}</table>")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,21 +646,29 @@ def build(run_dir: Path) -> str:
     results_path = run_dir / "eval" / "results.json"
     results = (json.loads(results_path.read_text())
                if "eval" in manifests and results_path.is_file() else {})
+    compared = " vs ".join(policy_label(n, results) for n in results.get("policies") or {})
     sections = [
-        ("Lineage", lineage(run_dir, manifests)),
-        ("Supervised fine-tuning", sft_section(run_dir, manifests.get("sft"))),
-        ("Reward model", rm_section(manifests.get("rm"))),
-        ("PPO", ppo_section(run_dir, manifests.get("ppo"))),
-        ("Evaluation: base vs SFT vs PPO", results_section(results)),
-        ("Overoptimization (Gao et al. 2022)", overoptimization_section(results)),
-        ("Calibration probe", calibration_section(results)),
-        ("Samples", samples_section(run_dir)),
+        ("config", "Configuration and model", config_section(run_dir, manifests)),
+        ("lineage", "Lineage", lineage(run_dir, manifests)),
+        ("sft", "Supervised fine-tuning", sft_section(run_dir, manifests.get("sft"))),
+        ("rm", "Reward model", rm_section(run_dir, manifests.get("rm"))),
+        ("ppo", "PPO", ppo_section(run_dir, manifests.get("ppo"))),
+        ("eval", f"Evaluation: {compared}" if compared else "Evaluation",
+         results_section(results)),
+        ("overoptimization", "Overoptimization (Gao et al. 2022)",
+         overoptimization_section(results)),
+        ("calibration", "Calibration probe", calibration_section(results)),
+        ("samples", "Samples", samples_section(run_dir, results)),
     ]
-    body = "".join(f"<h2>{esc(title)}</h2>\n{content}\n" for title, content in sections)
+    nav = "".join(f'<a href="#{slug}">{esc(title.split(":")[0])}</a>'
+                  for slug, title, _ in sections)
+    body = "".join(f'<h2 id="{slug}">{esc(title)}</h2>\n{content}\n'
+                   for slug, title, content in sections)
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>RLHF report: {esc(run_dir.name)}</title><style>{CSS}</style></head>\n"
             f"<body><h1>RLHF report: {esc(run_dir.name)}</h1>\n"
-            f'<p class="small">{esc(run_dir.resolve())}</p>\n{body}</body></html>\n')
+            f'<p class="small">{esc(run_dir.resolve())}</p>\n<nav>{nav}</nav>\n{body}'
+            "</body></html>\n")
 
 
 def run(cfg: Config) -> Path:

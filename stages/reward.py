@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from pipeline.config import Config
 from pipeline.data import ColumnMap, PromptExample, column_map, load_prompts, load_ranked
 from pipeline.errors import PipelineError
+from pipeline.hub import store_normalization
 from pipeline.models import (
     apply_lora,
     load_policy,
@@ -379,7 +380,8 @@ def run(cfg: Config) -> Path:
             guard.check(step, **{f"held-out {k}": v for k, v in periodic.items()})
         if c.save_every and step % c.save_every == 0 and step < total_steps:
             save_checkpoint(stage.checkpoints, step, accelerator, **checkpointed,
-                            state={**loop.as_dict(), "before": before}, config=cfg)
+                            state={**loop.as_dict(), "before": before}, config=cfg,
+                            pretrained=(accelerator.unwrap_model(scorer).model, tok))
     bar.close()
     train_seconds = time.time() - start
     step = loop.step
@@ -420,6 +422,8 @@ def run(cfg: Config) -> Path:
         "world_size": accelerator.num_processes,
     })
     if accelerator.is_main_process:
+        # In its config.json too, so a plain transformers loader finds it (pipeline.hub).
+        store_normalization(reward_model.config, norm)
         save_pretrained_atomic(reward_model, tok, stage.path / "model")
     accelerator.wait_for_everyone()
     tracker.summary(metrics)

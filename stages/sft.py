@@ -7,6 +7,7 @@ so the next stages load ``sft/model`` as a plain transformers model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -189,7 +190,7 @@ def run(cfg: Config) -> Path:
             save_checkpoint(stage.checkpoints, step, accelerator, **checkpointed,
                             state={**loop.as_dict(),
                                    "eval_loss_before": metrics["eval_loss_before"]},
-                            config=cfg)
+                            config=cfg, pretrained=(model, tok))
     bar.close()
     train_seconds = time.time() - start
     step = loop.step
@@ -225,6 +226,11 @@ def run(cfg: Config) -> Path:
     accelerator.wait_for_everyone()
     tracker.summary(metrics)
     tracker.close()
-    return stage.finish(metrics=metrics, base_model=cfg.model.name_or_path,
-                        tokenizer_sha256=tokenizer_sha256(tok),
-                        extras={"lora": cfg.model.lora.enabled, "init": cfg.model.init})
+    extras = {"lora": cfg.model.lora.enabled, "init": cfg.model.init}
+    if cfg.model.init == "scratch":
+        # Random weights: no base model, only the tokenizer of model.name_or_path.
+        extras.update(tokenizer_from=cfg.model.name_or_path,
+                      scratch=dataclasses.asdict(cfg.model.scratch))
+    return stage.finish(metrics=metrics,
+                        base_model=None if cfg.model.init == "scratch" else cfg.model.name_or_path,
+                        tokenizer_sha256=tokenizer_sha256(tok), extras=extras)

@@ -30,7 +30,8 @@ def step_2(root, name):
 def test_every_checkpoint_file_loads_with_weights_only(killed_sft):
     ckpt = step_2(*killed_sft)
     names = sorted(p.name for p in ckpt.iterdir())
-    assert names == ["config.yaml", "optim.pt", "policy.safetensors", "rng-0.pt", "state.json"]
+    assert names == ["config.yaml", "model", "optim.pt", "policy.safetensors", "rng-0.pt",
+                     "state.json"]
     for name in ("optim.pt", "rng-0.pt"):
         torch.load(ckpt / name, weights_only=True)
     load_file(str(ckpt / "policy.safetensors"))

@@ -20,7 +20,8 @@ from tests.conftest import DATA, tiny_override_list
 
 torch.set_num_threads(1)
 CHROMIUM = Path("/usr/bin/chromium")
-PLOTS = ("sft_loss", "ppo_curves", "overoptimization", "calibration_probe")
+PLOTS = ("sft_loss", "ppo_objective", "ppo_policy", "ppo_value_function",
+         "ppo_timing_and_throughput", "overoptimization", "calibration_probe")
 PPO = ["ppo.num_updates=2", "ppo.batch_size=4", "ppo.num_minibatches=1", "ppo.ppo_epochs=1",
        "ppo.response_length=8", "ppo.gold_judge=", "ppo.snapshot_every=1", "ppo.num_prompts=16",
        "ppo.rewards=[{type: rule, name: no_headword}]"]
@@ -144,6 +145,63 @@ def test_report_html_has_every_plot(chain):
     assert "Define the word &quot;" in text
 
 
+def policy_rows(text: str, name: str) -> int:
+    return len(re.findall(rf'<tr data-policy="{name}">', text))
+
+
+def test_report_html_has_config_lineage_curves_and_every_policy(chain):
+    """The content the screenshot test also checks, read from the file (no browser needed)."""
+    text = (chain["run"] / "report.html").read_text()
+    # Configuration and model: the settings that differ from the defaults, per stage.
+    assert '<h2 id="config">Configuration and model</h2>' in text
+    assert "<td>ppo.num_updates</td><td>2</td><td>100</td>" in text
+    assert "<td>model.init</td><td>scratch</td><td>pretrained</td>" in text
+    assert "randomly initialized Llama-style model" in text
+    assert 'href="ppo/config.yaml"' in text
+    # Lineage: links to each stage's folder and model, and what it consumed.
+    for stage in ("sft", "ppo", "eval"):
+        assert f'<a href="{stage}/">{stage}/</a>' in text, stage
+    assert '<a href="sft/model/">model/</a>' in text and "none (random init)" in text
+    # Samples: every policy of the eval results, for every prompt shown.
+    samples = (chain["eval"] / "samples.jsonl").read_text().splitlines()
+    for name in chain["results"]["policies"]:
+        assert policy_rows(text, name) == len(samples), name
+    assert text.count('<tbody class="prompt">') == len(samples)
+    # Curves: every group with a changing curve is plotted; the constant ones are listed.
+    rows = report.read_metrics(chain["run"] / "ppo" / "metrics.jsonl")
+    keys = report.curve_keys(rows)
+    assert len(keys) > 20
+    for title, group in report.group_curves(keys):
+        changing = [k for k in group if len(report.series(rows, k)[1]) == 1
+                    or len(set(report.series(rows, k)[1])) > 1]
+        slug = f"ppo_{title.lower().replace(' ', '_')}"
+        assert (f'data-plot="{slug}"' in text) == bool(changing), title
+        for key in set(group) - set(changing):
+            assert re.search(rf"Constant over the run:[^<]*{re.escape(key)} = ", text), key
+
+
+def test_report_shows_a_policy_it_has_never_heard_of(chain, tmp_path):
+    """Policies are read from the eval results: a new one (here a copy of PPO named dpo)
+    gets its results row, win rate and samples with no change to the report."""
+    run = tmp_path / "er"
+    for stage in ("sft", "ppo", "eval"):
+        shutil.copytree(chain["run"] / stage, run / stage,
+                        ignore=shutil.ignore_patterns("model", "snapshots", "checkpoints"))
+    results = json.loads((run / "eval" / "results.json").read_text())
+    results["policies"]["dpo"] = results["policies"]["ppo"]
+    results["win_rates"]["dpo_vs_sft"] = results["win_rates"]["ppo_vs_sft"]
+    (run / "eval" / "results.json").write_text(json.dumps(results))
+    rows = [json.loads(x) for x in (run / "eval" / "samples.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["dpo"] = {**row["ppo"], "response": f"dpo says {row['word']}"}
+    (run / "eval" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = report.build(run)
+    assert "<h2 id=\"eval\">Evaluation: base vs SFT vs PPO vs DPO</h2>" in text
+    assert "<td>DPO vs SFT</td>" in text
+    assert policy_rows(text, "dpo") == len(rows)
+    assert f"dpo says {rows[0]['word']}" in text
+
+
 def test_eval_refuses_an_unfinished_optional_parent(tmp_path, tiny_sft_run):
     from pipeline.errors import PipelineError
 
@@ -223,3 +281,9 @@ def test_report_renders_in_headless_chromium(chain, tmp_path):
     assert 'data-broken' not in re.sub(r"onerror=\"[^\"]*\"", "", dom)
     for name in PLOTS:
         assert re.search(rf'<img[^>]*data-plot="{name}"', dom), name
+    # The config section and every policy's samples are in the rendered page.
+    assert re.search(r'<h2 id="config">Configuration and model</h2>', dom)
+    assert "<td>ppo.num_updates</td><td>2</td><td>100</td>" in dom
+    samples = (chain["eval"] / "samples.jsonl").read_text().splitlines()
+    for name in chain["results"]["policies"]:
+        assert policy_rows(dom, name) == len(samples), name

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
@@ -117,6 +118,12 @@ def test_resume_matches_uninterrupted_run(sft_root):
     (stage / MANIFEST).unlink()
     shutil.rmtree(stage / "model")
     assert (stage / "checkpoints" / "latest").read_text().strip() == "step-0000002"
+    # The checkpoint's model/ opens with from_pretrained and holds the policy it resumes.
+    checkpoint = stage / "checkpoints" / "step-0000002"
+    opened = AutoModelForCausalLM.from_pretrained(checkpoint / "model").state_dict()
+    saved = load_file(str(checkpoint / "policy.safetensors"))
+    assert saved and all(torch.equal(opened[k.removeprefix("model.")], v)
+                         for k, v in saved.items())
     _, resumed = run_ppo(sft_root, *args, "run.resume=true")
     resumed_weights = load_file(str(stage / "model" / "model.safetensors"))
     for k in full_weights:
@@ -144,14 +151,18 @@ def test_lora_mode_and_lagrangian_cost(sft_root):
         sft_root, "ppo.num_updates=3", "ppo.batch_size=8", "ppo.lora.enabled=true",
         "ppo.lora.r=4", "ppo.lagrangian=true", "ppo.lambda_lr=1.0", "ppo.cost_threshold=-1.0",
         f"ppo.rewards=[{{type: rule, name: '{RULE}'}}, {{type: cost, name: '{RULE}'}}]",
-        "run.name=lora", f"ppo.policy={sft_root / 't' / 'sft'}",
+        "run.name=lora", f"ppo.policy={sft_root / 't' / 'sft'}", "ppo.save_every=2",
     )
     assert manifest["extras"]["lora"] is True
     lambdas = [r["objective/lambda"] for r in rows]
     assert lambdas[0] > 1.0 and lambdas[-1] > lambdas[0]
     assert manifest["metrics"]["trainable_params"] < manifest["metrics"]["total_params"] / 10
-    # The merged LoRA policy is a plain transformers folder.
-    assert not (sft_root / "lora" / "ppo" / "model" / "adapter_config.json").exists()
+    # The merged LoRA policy is a plain transformers folder, and so is its checkpoint's.
+    stage = sft_root / "lora" / "ppo"
+    for folder in (stage / "model", stage / "checkpoints" / "step-0000002" / "model"):
+        assert not (folder / "adapter_config.json").exists()
+        assert not any("lora" in k for k in load_file(str(folder / "model.safetensors")))
+        AutoModelForCausalLM.from_pretrained(folder)
 
 
 @pytest.fixture

@@ -165,6 +165,34 @@ def test_normalized_score_of_sft_samples_is_mean_0_std_1_as_ppo_reads_it(
     assert score.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
 
 
+def test_normalization_travels_with_the_model(toy_rm: Path, tmp_path: Path) -> None:
+    """The bias and scale are in the model's config.json: a copy of model/ loaded elsewhere,
+    with only transformers, gives the normalized rewards this stage computed."""
+    from pipeline.hub import NORMALIZATION_KEY, load_reward_scorer
+
+    extras = read_manifest(toy_rm)["extras"]
+    stored = json.loads((toy_rm / "model" / "config.json").read_text())[NORMALIZATION_KEY]
+    assert stored["bias"] == extras["norm_bias"] and stored["scale"] == extras["norm_scale"]
+    assert stored["samples"] == extras["norm_samples"] and extras["norm_scale"] != 1.0
+    elsewhere = shutil.copytree(toy_rm / "model", tmp_path / "elsewhere")
+    samples = [json.loads(line) for line in (toy_rm / "samples.jsonl").read_text().splitlines()]
+    prompts, responses = [s["prompt"] for s in samples], [s["response"] for s in samples]
+    scorer = load_reward_scorer(elsewhere)
+    assert scorer.raw(prompts, responses) == pytest.approx([s["reward"] for s in samples],
+                                                           abs=1e-4)
+    ours = [s["normalized_reward"] for s in samples]
+    assert scorer(prompts, responses) == pytest.approx(ours, abs=1e-4)
+    # The card's snippet, run as written (pointed at the copy), agrees too.
+    card = (toy_rm / "model" / "README.md").read_text()
+    assert f"`{NORMALIZATION_KEY}`" in card and "pipeline_tag: text-classification" in card
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(snippet.replace(repr(str(toy_rm / "model")), repr(str(elsewhere))), "card",
+                 "exec"), namespace)
+    assert [namespace["reward"](p, r) for p, r in zip(prompts, responses)] == pytest.approx(
+        ours, abs=1e-4)
+
+
 def test_manifest_files_and_label_parent(sft_dir: Path) -> None:
     with_label_parent(sft_dir, "lab")
     path = reward.run(rm_config(sft_dir.parents[1], "lab", sft_dir, "rm.max_steps=2",
@@ -220,6 +248,13 @@ def test_resume_matches_uninterrupted(sft_dir: Path, toy_rm: Path) -> None:
     whole = read_manifest(reward.run(rm_config(root, "whole", sft_dir, *args)))
     # A run killed after its step-10 checkpoint (mid second epoch) leaves no manifest.
     killed = reward.run(rm_config(root, "killed", sft_dir, *args))
+    # The checkpoint's model/ is a plain sequence classifier with the weights it resumes.
+    checkpoint = killed / "checkpoints" / "step-0000010"
+    opened = AutoModelForSequenceClassification.from_pretrained(checkpoint / "model")
+    saved = load_file(str(checkpoint / "reward.safetensors"))
+    state = opened.state_dict()
+    assert "model.score.weight" in saved
+    assert all(torch.equal(state[k.removeprefix("model.")], v) for k, v in saved.items())
     (killed / MANIFEST).unlink()
     resumed = read_manifest(reward.run(rm_config(root, "killed", sft_dir, *args,
                                                  "run.resume=true")))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -9,17 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import ModelConfig, config_sha256, load_config
 from pipeline.errors import PipelineError
 from pipeline.models import build_scratch, load_policy, load_tokenizer, tokenizer_sha256
-from pipeline.rundir import SCHEMA, open_parent
+from pipeline.rundir import SCHEMA, latest_checkpoint, open_parent
 from pipeline.text import IGNORE_INDEX, tokenize_conversation
 from stages import sft
 
 TOP_LEVEL = {"config.yaml", "manifest.json", "metrics.jsonl", "samples.jsonl", "model"}
 MODEL_FILES = {"config.json", "model.safetensors", "generation_config.json",
-               "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+               "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "README.md"}
 
 
 def weights(stage: Path) -> dict[str, torch.Tensor]:
@@ -56,10 +58,13 @@ def test_manifest(tiny_sft_run):
     assert m["run"] == cfg.run.name == "shared"
     assert m["config_sha256"] == config_sha256(cfg)
     assert m["parents"] == {}
-    assert m["base_model"] == "smollm2-135m-instruct"
+    # Random weights: no base model, only a tokenizer borrowed from one.
+    assert m["base_model"] is None
     tok = load_tokenizer(str(tiny_sft_run / "model"), ModelConfig())
     assert m["tokenizer_sha256"] == tokenizer_sha256(tok)
-    assert m["extras"] == {"lora": False, "init": "scratch"}
+    assert m["extras"] == {"lora": False, "init": "scratch",
+                           "tokenizer_from": "smollm2-135m-instruct",
+                           "scratch": dataclasses.asdict(cfg.model.scratch)}
     metrics = m["metrics"]
     assert metrics["steps"] == cfg.sft.max_steps == 4
     assert metrics["train_rows"] == cfg.sft.train_size and metrics["eval_rows"] == cfg.sft.eval_size
@@ -67,6 +72,23 @@ def test_manifest(tiny_sft_run):
     assert metrics["trainable_params"] == metrics["total_params"] > 0
     parent = open_parent(tiny_sft_run, "sft", "policy")
     assert parent.model_dir.is_dir()
+
+
+def test_model_card(tiny_sft_run):
+    """model/README.md: what the model is, from what, on what data, how it scored, and a
+    loading snippet that runs as written."""
+    card = (tiny_sft_run / "model" / "README.md").read_text()
+    m = json.loads((tiny_sft_run / "manifest.json").read_text())
+    cfg = load_config(tiny_sft_run / "config.yaml")
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\n")
+    assert "base_model:" not in card.split("---")[1]
+    assert "randomly initialized Llama-style model" in card
+    assert f"`{cfg.model.name_or_path}`" in card and cfg.data.sft in card
+    assert f"| eval_loss_after | {m['metrics']['eval_loss_after']:.4g} |" in card
+    assert f"rlhf-pipeline at git `{m['git_sha']}`" in card
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert f"path = {str(tiny_sft_run / 'model')!r}" in snippet
+    exec(compile(snippet.replace("max_new_tokens=48", "max_new_tokens=4"), "card", "exec"), {})
 
 
 def test_metrics_and_samples(tiny_sft_run):
@@ -148,6 +170,13 @@ def test_resume_matches_uninterrupted(tmp_path, tiny_overrides, extra):
     killed_overrides = [*tiny_overrides, *extra, "run.name=killed"]
     killed = sft.run(load_config(None, killed_overrides))
     assert (killed / "checkpoints" / "latest").is_file()
+    # A mid-run checkpoint opens with plain from_pretrained: the weights it would resume.
+    checkpoint = latest_checkpoint(killed / "checkpoints")
+    opened = AutoModelForCausalLM.from_pretrained(checkpoint / "model")
+    AutoTokenizer.from_pretrained(checkpoint / "model")
+    saved = load_file(str(checkpoint / "policy.safetensors"))
+    state = opened.state_dict()
+    assert saved and all(torch.equal(state[k], v) for k, v in saved.items())
     # Simulate a kill after the last checkpoint: no manifest, no final model.
     (killed / "manifest.json").unlink()
     shutil.rmtree(killed / "model")

@@ -12,6 +12,7 @@ from pipeline.config import (
     ConfigError,
     RewardComponent,
     config_sha256,
+    hub_repo_id,
     load_config,
     parse_override,
     to_yaml,
@@ -155,10 +156,25 @@ def test_wrong_type_does_not_hide_value_checks():
     ("ppo.lagrangian=true", "ppo.lagrangian"),
     ("run.resume=yes please", "run.resume"),
     ("sft.batch_size=2.5", "sft.batch_size"),
+    ("run.push_to_hub=true", "run.hub_model_id"),
+    ("run.hub_model_id=a/b/c", "run.hub_model_id"),
+    ("run.hub_model_id=me/has space", "run.hub_model_id"),
 ])
 def test_bad_values(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_hub_repo_per_stage():
+    def repo(template: str, stage: str) -> str:
+        cfg = load_config(None, ["run.push_to_hub=true", f"run.hub_model_id={template}",
+                                 "run.name=exp-seed1"])
+        return hub_repo_id(cfg.run, stage)
+
+    assert repo("me/wordnet", "ppo") == "me/wordnet-ppo"
+    assert repo("me/{stage}-wordnet", "rm") == "me/rm-wordnet"
+    assert repo("wordnet", "sft") == "wordnet-sft"
+    assert repo("me/{run}", "ppo") == "me/exp-seed1-ppo"
 
 
 def test_ppo_refuses_truncated_sampling_naming_each_key(capsys):

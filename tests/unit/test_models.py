@@ -18,6 +18,7 @@ from pipeline.models import (
     load_tokenizer,
     merged,
     packaged_model_dir,
+    plain_copy,
     resolve,
     save_pretrained_atomic,
     tokenizer_sha256,
@@ -168,3 +169,41 @@ def test_save_pretrained_atomic_safetensors_only(tmp_path, tok, cfg):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     loaded, _ = load_policy(ModelConfig(), name_or_path=str(target))
     assert state_equal(model, loaded)
+
+
+def test_plain_copy_merges_lora_into_a_copy_and_leaves_training_alone(tok, cfg):
+    model = apply_lora(build_scratch(cfg, tok, seed=0), LoraConfig(enabled=True, r=4, alpha=8))
+    with torch.no_grad():  # a trained adapter: B != 0, so merging changes the weights
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    adapter = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    plain = plain_copy(model)
+    assert type(plain) is LlamaForCausalLM and not hasattr(plain, "peft_config")
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-5)
+        # The training model still has its adapter, unchanged, and computes the same.
+        assert torch.allclose(model(input_ids=ids).logits, expected)
+    assert hasattr(model, "peft_config")
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in adapter.items())
+    # A model without an adapter is saved as it is, not copied.
+    base = build_scratch(cfg, tok, seed=0)
+    assert plain_copy(base) is base
+
+
+def test_saved_model_files_follow_the_umask(tmp_path, tok, cfg):
+    """safetensors writes through a private temp file (mode 0600); the saved folder gets the
+    mode the user's umask asks for."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        save_pretrained_atomic(build_scratch(cfg, tok, seed=0), tok, tmp_path / "model")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "model").iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes

@@ -14,6 +14,7 @@ from pipeline.rundir import (
     MANIFEST,
     SCHEMA,
     StageDir,
+    apply_umask,
     atomic_write_json,
     atomic_write_text,
     check_same_tokenizer,
@@ -62,6 +63,26 @@ def test_atomic_write_failure_keeps_old_content(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
+    """mkstemp creates 0600; the renamed file gets what open() would give it."""
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "report.html", "<html></html>")
+        atomic_write_json(tmp_path / MANIFEST, {"a": 1})
+        sd = StageDir(make_cfg(tmp_path), "sft")
+        sd.start()
+        (tmp_path / "lib").mkdir()
+        (tmp_path / "lib" / "weights").write_text("x")
+        (tmp_path / "lib" / "weights").chmod(0o600)
+        apply_umask(tmp_path / "lib")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "report.html", tmp_path / MANIFEST, sd.path / "config.yaml",
+                 tmp_path / "lib" / "weights"):
+        assert path.stat().st_mode & 0o777 == mode, path
 
 
 def test_atomic_write_json_round_trip(tmp_path):
