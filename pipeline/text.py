@@ -6,6 +6,7 @@ so a policy is always asked in exactly the format it was trained on.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -141,6 +142,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p:
     return index
 
 
+def cache_name(trunk: torch.nn.Module) -> str:
+    """The name a transformers trunk gives its KV cache, as an argument and as an output field:
+    ``cache`` from transformers 5.x on (where ``past_key_values`` is deprecated and warns on
+    every call), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(trunk.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
              prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float,
@@ -160,6 +168,7 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
     stop_ids = torch.tensor(stops, device=device)
     inner = hf_model(model)
     trunk = getattr(inner, inner.base_model_prefix)
+    kv = cache_name(trunk)
     responses: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start: start + batch_size]
@@ -168,7 +177,7 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
         position = position_ids(mask)
         # The trunk, then the output head on the last position only (see output_logits).
         out = trunk(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
-        cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]  # (b, d)
+        cache, hidden = getattr(out, kv), out.last_hidden_state[:, -1]  # (b, d)
         tokens = torch.full((len(chunk), max_new_tokens), tok.pad_token_id, dtype=torch.long,
                             device=device)                                  # (B, max_new)
         rows = torch.arange(len(chunk), device=device)  # (b,) chunk row of each active row
@@ -185,8 +194,8 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             position = position[:, -1:] + 1
             out = trunk(input_ids=token[:, None], attention_mask=mask, position_ids=position,
-                        past_key_values=cache, use_cache=True)
-            cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
+                        use_cache=True, **{kv: cache})
+            cache, hidden = getattr(out, kv), out.last_hidden_state[:, -1]
         responses += [truncate_at_eos(row, set(stops), tok.pad_token_id)
                       for row in tokens.tolist()]
     model.train(was_training)
