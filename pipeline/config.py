@@ -369,8 +369,13 @@ class TrackingConfig:
     # "offline" (default: no key needed, `wandb sync` later), "online" or "disabled".
     wandb_mode: str = "offline"
     tensorboard: bool = False
-    # Show progress bars.
+    # Progress: a bar in a terminal; anywhere else (a file, a pipe, CI) one line per logging
+    # interval with the step, the stage's main figures and the ETA. false = neither.
     progress: bool = True
+    # The libraries' own output: transformers' weight-loading and saving bars and load reports
+    # (the "MISSING, newly initialized" table of a fresh reward head), hub and datasets bars.
+    # Off by default (their errors still show).
+    library_logs: bool = False
 
 
 @dataclass
