@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from pipeline import shipped
+
 
 class ConfigError(ValueError):
     """Raised with every configuration problem found, one per line."""
@@ -845,9 +847,11 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] = ()
     problems: list[str] = []
     cfg = Config()
     if config_file is not None:
-        path = Path(config_file)
+        path = shipped.resolve_config(config_file)
         if not path.is_file():
-            raise ConfigError([f"{path}: no such config file"])
+            names = ", ".join(n for n in shipped.configs() if "/" not in n)
+            raise ConfigError([f"{path}: no such config file"
+                               + (f" or shipped config (shipped: {names})" if names else "")])
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -861,6 +865,11 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] = ()
         problems += [f"{path}: {p}" for p in file_problems]
     parsed = dict(parse_override(o) for o in overrides)
     cfg = _build(Config, _nest(parsed), "", problems, base=cfg)
+    # The shipped data (the defaults) from any working directory.
+    for f in dataclasses.fields(cfg.data):
+        value = getattr(cfg.data, f.name)
+        if isinstance(value, str):
+            setattr(cfg.data, f.name, shipped.data_file(value))
     # A wrongly typed value (already reported) may break a cross-key check.
     with contextlib.suppress(TypeError):
         problems += validate(cfg)
