@@ -453,8 +453,8 @@ class TrackingConfig:
     # interval with the step, the stage's main figures and the ETA. false = neither.
     progress: bool = True
     # The libraries' own output: transformers' weight-loading and saving bars and load reports
-    # (the "MISSING, newly initialized" table of a fresh reward head), hub and datasets bars.
-    # Off by default (their errors still show).
+    # (the "MISSING, newly initialized" table of a fresh reward head), hub and datasets bars,
+    # and their deprecation warnings. Off by default (their errors still show).
     library_logs: bool = False
 
 

@@ -37,7 +37,10 @@ class Key:
 @functools.cache
 def field_comments() -> dict[str, dict[str, str]]:
     """``{class name: {field: the comment block above it, joined into one paragraph}}``."""
-    source = inspect.getsource(config_module)
+    try:
+        source = inspect.getsource(config_module)
+    except OSError:  # installed without its .py sources: the keys are listed without docs
+        return {}
     lines = source.splitlines()
     found: dict[str, dict[str, str]] = {}
     for node in ast.parse(source).body:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from typing import TextIO
 
 from tqdm.auto import tqdm
@@ -94,11 +95,20 @@ def progress(total: int, desc: str, enabled: bool = True, initial: int = 0,
     return Progress(total, desc, progress_mode(enabled), initial=initial, unit=unit)
 
 
+# Modules whose deprecation notices address their callers' code (peft asking transformers for
+# `is_gradient_checkpointing`, say), not someone running the pipeline.
+_LIBRARIES = r"(transformers|peft|accelerate|datasets|huggingface_hub)(\..*)?$"
+
+
 def library_output(show: bool) -> None:
     """The libraries' own progress bars and warnings: transformers' "Loading weights" and
     "Writing model shards" bars and its load report (the table of a reward head that is
     "MISSING" and newly initialized, as it should be), the hub's and datasets' download and
-    preparation bars. Off unless ``tracking.library_logs`` asks for them; errors still show."""
+    preparation bars, and the deprecation warnings these libraries raise about each other's
+    calls. Off unless ``tracking.library_logs`` asks for them; errors still show."""
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("default" if show else "ignore", category=category,
+                                module=_LIBRARIES)
     import datasets
     import huggingface_hub.utils as hub_utils
     from transformers.utils import logging as hf_logging

@@ -108,6 +108,40 @@ def test_library_output_silences_load_report_and_bars(tmp_path, capfd, caplog):
         library_output(False)
 
 
+def test_library_deprecation_warnings_follow_the_switch(tmp_path):
+    """peft's LoRA wrapper asks transformers for a deprecated property (a FutureWarning from
+    transformers on every LoRA stage): silenced unless the libraries' output is asked for."""
+    from pipeline.config import LoraConfig
+    from pipeline.models import apply_lora
+
+    def raised(show: bool, action) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            library_output(show)
+            action()
+        return [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+
+    def from_transformers():
+        warnings.warn_explicit("old is deprecated", FutureWarning, "modeling_utils.py", 1,
+                               module="transformers.modeling_utils", registry={})
+
+    def from_us():
+        warnings.warn_explicit("ours", FutureWarning, "ops.py", 1, module="stages.ops",
+                               registry={})
+
+    def lora():
+        apply_lora(LlamaForCausalLM.from_pretrained(folder), LoraConfig(enabled=True, r=2))
+
+    folder = _tiny_lm(tmp_path)
+    try:
+        assert raised(False, from_transformers) == []
+        assert raised(True, from_transformers) == ["old is deprecated"]
+        assert raised(False, from_us) == ["ours"]
+        assert raised(False, lora) == []
+    finally:
+        library_output(False)
+
+
 def test_generate_names_the_cache_as_transformers_does(tmp_path):
     model = LlamaForCausalLM.from_pretrained(_tiny_lm(tmp_path))
     tok = types.SimpleNamespace(pad_token_id=0, eos_token_id=1)
