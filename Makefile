@@ -22,7 +22,7 @@ endif
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install sft label rm ppo eval report pipeline seeds status test test-all lint data bench bench-setup clean
+.PHONY: install sft label rm ppo eval report pipeline seeds status test test-all lint data bench bench-setup clean clean-runs
 
 install: $(STAMP)
 
@@ -85,5 +85,10 @@ $(TRL_STAMP):
 bench: install bench-setup
 	$(BIN)/python bench/ppo_vs_trl.py $(BENCH_ARGS)
 
+# Caches and build output only; runs/ (every result) stays. `make clean-runs` deletes it.
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf .pytest_cache .ruff_cache build dist *.egg-info
+	find pipeline stages tests bench data -name __pycache__ -type d -prune -exec rm -rf {} +
+
+clean-runs:
+	rm -rf runs

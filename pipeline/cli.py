@@ -1,8 +1,9 @@
-"""``rlhf <stage> [--config FILE.yaml] [key=value ...]`` and ``rlhf status RUN_DIR``.
+"""``rlhf <stage> [--config FILE|NAME] [key=value ...]``, ``rlhf status RUN_DIR``, ``rlhf config
+show|validate`` and ``rlhf configs ls|cp``; ``rlhf COMMAND --help`` lists the keys a command reads.
 
 Exit codes: 0 done, 1 a run/data problem (one line naming the file or stage), 2 a bad
-configuration (every bad key listed), 130 interrupted (Ctrl-C: one line with the command that
-resumes).
+configuration (every bad key listed) or command line, 130 interrupted (Ctrl-C: one line with
+the command that resumes).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import json
 import os
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
+from pipeline import keydoc, shipped
+from pipeline.config import ConfigError, load_config, to_yaml
 from pipeline.data import DataError
 from pipeline.errors import PipelineError
 from pipeline.rundir import STAGES, latest_checkpoint, read_manifest
@@ -25,8 +28,10 @@ from pipeline.rundir import STAGES, latest_checkpoint, read_manifest
 STAGE_MODULES = {"sft": "stages.sft", "label": "stages.label", "rm": "stages.reward",
                  "ppo": "stages.ppo", "eval": "stages.evaluate", "report": "stages.report"}
 PIPELINE_ORDER = ("sft", "label", "rm", "ppo", "eval", "report")
+RUN_COMMANDS = (*STAGE_MODULES, "pipeline", "seeds")
+COMMANDS = (*RUN_COMMANDS, "status", "config", "configs")
 
-USAGE = f"""rlhf COMMAND [--config FILE.yaml] [key=value ...]
+USAGE = f"""usage: rlhf COMMAND [--config FILE|NAME] [key=value ...]
 
 commands:
   {' | '.join(STAGE_MODULES)}    run one stage
@@ -34,19 +39,64 @@ commands:
   seeds                SFT once, then label -> rm -> ppo -> eval -> report per seed in
                        run.seeds (run.seed_jobs at a time); one table of the outcomes
   status RUN_DIR       lineage, status and metrics of each stage of a run
+  config show          print the resolved config (defaults <- --config <- key=value) as YAML
+  config validate      check a config and its overrides without running anything
+  configs ls           list the shipped configs
+  configs cp NAME DEST copy a shipped config, to edit it
+
+`rlhf COMMAND --help` lists the keys COMMAND reads with their type, default and meaning.
+--config takes a YAML file or the name of a shipped config (`rlhf configs ls`).
 
 examples:
-  rlhf sft --config configs/quick.yaml sft.lr=1e-4 run.name=exp1
+  rlhf sft --config quick sft.lr=1e-4 run.name=exp1
+  rlhf ppo --help
+  rlhf config validate --config default ppo.kl_coef=0.05
   rlhf status runs/exp1
 """
 
+_RUN_SUMMARY = {
+    "pipeline": f"Run the stages in order: {' -> '.join(PIPELINE_ORDER)}.",
+    "seeds": "SFT once, then label -> rm -> ppo -> eval -> report for each seed in run.seeds.",
+    "report": "One self-contained HTML page of a run's plots and tables: <run>/report.html.",
+}
+_USAGE = {
+    "status": "rlhf status RUN_DIR",
+    "config": "rlhf config show|validate [--config FILE|NAME] [key=value ...]",
+    "configs": "rlhf configs ls | rlhf configs cp NAME DEST",
+}
+_OTHER_HELP = {
+    "status": "Lineage, status and metrics of each stage of a run.\n",
+    "config": ("show      print the resolved config (defaults <- --config <- key=value) as YAML\n"
+               "validate  check it (types, values, user functions) and list every problem;\n"
+               "          exit code 0 when valid, 2 otherwise. Data files are read by the stages.\n"),
+    "configs": ("ls           the shipped configs, by the name --config accepts\n"
+                "cp NAME DEST copy one to DEST (a file, or a folder to put it in) to edit it;\n"
+                "             an existing file is never overwritten\n"),
+}
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rlhf", usage=USAGE, add_help=True)
-    p.add_argument("command", choices=[*STAGE_MODULES, "pipeline", "seeds", "status"])
-    p.add_argument("--config", "-c", default=None, help="YAML config file")
+
+def _usage(command: str) -> str:
+    return _USAGE.get(command, f"rlhf {command} [--config FILE|NAME] [key=value ...]")
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"rlhf {command}", add_help=False, usage=_usage(command))
+    p.add_argument("-h", "--help", action="store_true")
+    if command in (*RUN_COMMANDS, "config"):
+        p.add_argument("--config", "-c", default=None, help="YAML config file or shipped name")
     p.add_argument("rest", nargs="*", help="key=value overrides (or RUN_DIR for status)")
     return p
+
+
+def command_help(command: str) -> str:
+    """``rlhf COMMAND --help``: what it does, then every key it reads."""
+    if command in _OTHER_HELP:
+        return f"usage: {_usage(command)}\n\n{_OTHER_HELP[command]}"
+    sections = keydoc.sections(command)
+    summary = _RUN_SUMMARY.get(command) or keydoc.section_summary(sections[0])
+    return (f"usage: {_usage(command)}\n\n{summary}\n"
+            "Set keys in the YAML file or as key=value; `rlhf config show` prints the resolved "
+            "values.\n\n" + keydoc.describe_keys(sections))
 
 
 def run_stage(name: str, cfg) -> Path:
@@ -126,24 +176,94 @@ def status(run_dir: Path) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_intermixed_args(argv)
-    if args.command == "status":
-        if len(args.rest) != 1:
-            print("error: usage: rlhf status RUN_DIR", file=sys.stderr)
-            return 2
-        return status(Path(args.rest[0]))
+def configs_command(rest: list[str]) -> int:
+    if rest == ["ls"]:
+        found = shipped.configs()
+        if not found:
+            print("error: no shipped configs found (is the package installed?)", file=sys.stderr)
+            return 1
+        width = max(len(n) for n in found) + 2
+        for name, path in found.items():
+            lines = textwrap.wrap(shipped.describe(path), max(40, 100 - width))
+            print(f"{name:{width}s}{lines[0]}")
+            for line in lines[1:]:
+                print(" " * width + line)
+        print(f"\n({shipped.root() / 'configs'}; use one with --config NAME, copy one with "
+              "`rlhf configs cp NAME DEST`)")
+        return 0
+    if len(rest) == 3 and rest[0] == "cp":
+        try:
+            target = shipped.copy_config(rest[1], rest[2])
+        except (FileNotFoundError, FileExistsError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"copied {shipped.find_config(rest[1])} -> {target}")
+        return 0
+    print(f"error: usage: {_usage('configs')}", file=sys.stderr)
+    return 2
+
+
+def _importable_cwd() -> None:
     # "module:function" names resolve against the working directory, as under `python -m`
     # (a console script's path lacks it); config validation imports them.
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
+
+
+def config_command(config: str | None, rest: list[str]) -> int:
+    if not rest or rest[0] not in ("show", "validate"):
+        print(f"error: usage: {_usage('config')}", file=sys.stderr)
+        return 2
+    action, overrides = rest[0], rest[1:]
+    _importable_cwd()
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if action == "show":
+        print(to_yaml(cfg), end="")
+        return 0
+    source = shipped.resolve_config(config) if config else "the defaults"
+    extra = f" with {len(overrides)} override(s)" if overrides else ""
+    print(f"valid: {source}{extra}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print(USAGE, file=sys.stderr, end="")
+        return 2
+    command = argv[0]
+    if command in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; expected one of {', '.join(COMMANDS)} "
+              "(rlhf --help)", file=sys.stderr)
+        return 2
+    args = _parser(command).parse_intermixed_args(argv[1:])
+    if args.help:
+        print(command_help(command), end="")
+        return 0
+    if command == "status":
+        if len(args.rest) != 1:
+            print(f"error: usage: {_usage(command)}", file=sys.stderr)
+            return 2
+        return status(Path(args.rest[0]))
+    if command == "configs":
+        return configs_command(args.rest)
+    if command == "config":
+        return config_command(args.config, args.rest)
+    _importable_cwd()
     try:
         cfg = load_config(args.config, args.rest)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    if args.command == "seeds":
+    if command == "seeds":
         from pipeline import seeds
 
         try:
@@ -152,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         return 0
-    stages = PIPELINE_ORDER if args.command == "pipeline" else (args.command,)
+    stages = PIPELINE_ORDER if command == "pipeline" else (command,)
     main_process = os.environ.get("RANK", "0") == "0"
     current = None
     try:
@@ -160,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             current = name
             done = read_manifest(cfg.run_dir / name) if name in STAGES else None
             stage_cfg = cfg
-            if args.command == "pipeline" and cfg.run.resume:
+            if command == "pipeline" and cfg.run.resume:
                 if done is not None and done.get("status") == "complete":
                     # Resuming a pipeline continues the stage that was killed, not the
                     # finished ones.
@@ -184,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         if main_process:
-            print(interrupted(args.command, args.config, args.rest, cfg, current),
+            print(interrupted(command, args.config, args.rest, cfg, current),
                   file=sys.stderr)
         return 130
     return 0

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from pipeline import shipped
 from pipeline.data import column_problems
 
 
@@ -42,13 +43,17 @@ class ConfigError(ValueError):
 class ScratchConfig:
     """Sizes of a random-init Llama-style model (``model.init=scratch``)."""
 
+    # Width of the residual stream.
     hidden_size: int = 64
     # Transformer blocks.
     num_layers: int = 2
+    # Attention heads (must divide hidden_size).
     num_heads: int = 4
     # Grouped-query attention: key/value heads (must divide num_heads).
     num_kv_heads: int = 2
+    # Width of the MLP's hidden layer.
     intermediate_size: int = 256
+    # Longest sequence (prompt + response) in tokens.
     max_position_embeddings: int = 512
 
 
@@ -56,8 +61,11 @@ class ScratchConfig:
 class LoraConfig:
     """peft LoRA adapter settings; ``enabled=false`` means full fine-tuning."""
 
+    # Train an adapter instead of every weight; it is merged into model/ when the stage saves.
     enabled: bool = False
+    # Adapter rank.
     r: int = 16
+    # The adapter's update is scaled by alpha / r.
     alpha: int = 32
     # LoRA dropout; RL stages force 0 (PPO needs deterministic forward passes).
     dropout: float = 0.0
@@ -118,17 +126,23 @@ class DataConfig:
 class SFTConfig:
     """Stage 1: supervised fine-tuning on demonstrations."""
 
+    # Passes over the training rows (when max_steps <= 0).
     epochs: int = 1
     # Optimizer steps; > 0 overrides epochs.
     max_steps: int = -1
     # Sequences per process per micro-batch.
     batch_size: int = 8
+    # Micro-batches accumulated per optimizer step.
     grad_accum_steps: int = 1
+    # Peak AdamW learning rate (reached after warm-up).
     lr: float = 2e-4
+    # AdamW weight decay (not applied to biases and norms).
     weight_decay: float = 0.0
+    # Fraction of the optimizer steps over which the learning rate rises from 0.
     warmup_ratio: float = 0.05
     # "linear", "cosine" or "constant" (after warm-up).
     lr_scheduler: str = "cosine"
+    # The gradient is clipped to this global norm.
     max_grad_norm: float = 1.0
     # Longest prompt + completion in tokens; longer rows are truncated from the right.
     max_seq_len: int = 128
@@ -140,12 +154,16 @@ class SFTConfig:
     eval_every: int = 0
     # Prompts generated for samples.jsonl after training.
     num_samples: int = 4
+    # Longest response of those samples, in tokens.
     max_new_tokens: int = 48
     # Save a resumable checkpoint every N optimizer steps (0 = never).
     save_every: int = 0
+    # Log the training loss (mean since the last log), grad norm and learning rate every N
+    # optimizer steps; also the interval of the progress line.
     log_every: int = 10
     # Mixed precision for GPUs: "no", "bf16" or "fp16". CPU runs use "no".
     mixed_precision: str = "no"
+    # Recompute activations in the backward pass: less memory, more compute.
     gradient_checkpointing: bool = False
 
 
@@ -172,8 +190,11 @@ class LabelConfig:
     k: int = 4
     # Prompts of data.label used (None = all).
     num_prompts: int | None = None
+    # Sampling temperature of the K responses.
     temperature: float = 1.0
+    # Nucleus sampling: keep the smallest set of tokens with this much mass (1.0 = all).
     top_p: float = 1.0
+    # Longest response in tokens.
     max_new_tokens: int = 48
     # Prompts per generate() call.
     batch_size: int = 16
@@ -195,16 +216,23 @@ class RMConfig:
     # Ranked JSONL; "" = data.ranked if set, else <run>/label/data.jsonl.
     data: str = ""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # Passes over the ranked prompts (when max_steps <= 0).
     epochs: int = 1
     # Optimizer steps; > 0 overrides epochs.
     max_steps: int = -1
     # Prompts (each with all its K responses) per process per micro-batch.
     batch_size: int = 8
+    # Micro-batches accumulated per optimizer step.
     grad_accum_steps: int = 1
+    # Peak AdamW learning rate (reached after warm-up).
     lr: float = 1e-5
+    # AdamW weight decay (not applied to biases and norms).
     weight_decay: float = 0.0
+    # Fraction of the optimizer steps over which the learning rate rises from 0.
     warmup_ratio: float = 0.05
+    # "linear", "cosine" or "constant" (after warm-up).
     lr_scheduler: str = "linear"
+    # The gradient is clipped to this global norm.
     max_grad_norm: float = 1.0
     # Prompt + response tokens per sequence.
     max_seq_len: int = 128
@@ -212,15 +240,24 @@ class RMConfig:
     margin: float = 0.0
     # Prompts held out for accuracy/calibration before and after training.
     eval_size: int = 100
+    # Confidence bins of the held-out calibration error (ECE).
     calibration_bins: int = 10
     # SFT responses (to data.ppo prompts) used to set the normalization bias and scale.
     norm_samples: int = 128
+    # Sampling temperature of those SFT responses.
     norm_temperature: float = 0.7
+    # Longest of those responses, in tokens.
     max_new_tokens: int = 48
+    # Save a resumable checkpoint every N optimizer steps (0 = never).
     save_every: int = 0
+    # Evaluate on the held-out prompts every N optimizer steps (0 = only before and after).
     eval_every: int = 0
+    # Log loss, accuracy and margin (means since the last log) every N optimizer steps; also the
+    # interval of the progress line.
     log_every: int = 10
+    # Mixed precision for GPUs: "no", "bf16" or "fp16". CPU runs use "no".
     mixed_precision: str = "no"
+    # Recompute activations in the backward pass: less memory, more compute.
     gradient_checkpointing: bool = False
 
 
@@ -252,6 +289,7 @@ class PPOConfig:
     batch_size: int = 16
     # Minibatches each rollout batch is split into per PPO epoch.
     num_minibatches: int = 1
+    # Passes over each rollout batch.
     ppo_epochs: int = 4
     # Prompts of data.ppo used (None = all), cycled through in order.
     num_prompts: int | None = None
@@ -260,33 +298,53 @@ class PPOConfig:
     # Must stay 0 and 1.0: log-probs are scored on the full distribution, so a truncated
     # sampler would make the PPO ratio and the KL compare different distributions.
     top_k: int = 0
+    # Must stay 1.0 (see top_k).
     top_p: float = 1.0
+    # Longest response in tokens; one that stops there without EOS gets missing_eos_penalty.
     response_length: int = 48
     # Subtracted from the score of a response that never emits EOS.
     missing_eos_penalty: float = 1.0
     # KL penalty coefficient beta (the initial value when adaptive).
     kl_coef: float = 0.05
+    # Move kl_coef towards kl_target after each update (Ziegler et al. 2019).
     adaptive_kl: bool = False
+    # Adaptive KL: the target KL to the reference per response, in nats.
     kl_target: float = 6.0
+    # Adaptive KL: each update changes kl_coef by at most 20% x (episodes in the update) /
+    # kl_horizon.
     kl_horizon: int = 10000
     # KL estimator in the reward: k1 (unbiased per token), k2 or k3.
     kl_estimator: str = "k1"
     # Normalized scores are clipped to [-reward_clip, reward_clip].
     reward_clip: float = 5.0
+    # Rescale the per-token rewards (mean kept) before GAE.
     whiten_rewards: bool = False
+    # Normalize the advantages over all response tokens of the batch (all processes).
     whiten_advantages: bool = True
+    # GAE discount.
     gamma: float = 1.0
+    # GAE lambda.
     lam: float = 0.95
+    # PPO's clip of the probability ratio: 1 +- clip_range.
     clip_range: float = 0.2
+    # New value predictions are clipped to within this of the rollout's.
     clip_range_value: float = 0.2
+    # Value-loss coefficient (the critic's loss is scaled by it; the critic has its own
+    # optimizer).
     vf_coef: float = 0.1
+    # Entropy bonus in the policy loss (0 = off).
     entropy_coef: float = 0.0
+    # Policy learning rate (Adam).
     lr: float = 3e-6
+    # Critic learning rate (Adam).
     critic_lr: float = 5e-6
+    # Adam epsilon of both optimizers.
     adam_eps: float = 1e-5
+    # Adam (L2) weight decay of both optimizers.
     weight_decay: float = 0.0
     # "linear" decays to 0 over num_updates; "constant" keeps it.
     lr_scheduler: str = "linear"
+    # The policy's and the critic's gradients are each clipped to this norm.
     max_grad_norm: float = 1.0
     # Updates that train only the critic before the policy moves.
     critic_warmup_updates: int = 0
@@ -295,13 +353,17 @@ class PPOConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     # PPO-ptx: coefficient of the LM loss on SFT demonstrations (0 = off).
     ptx_coef: float = 0.0
+    # Demonstrations (from data.sft) per minibatch of the PPO-ptx LM loss.
     ptx_batch_size: int = 8
     # Reward terms; the default is the learned reward model alone.
     rewards: list[RewardComponent] = field(default_factory=lambda: [RewardComponent()])
     # Enforce costs as a constraint (PPO-Lagrangian) instead of subtracting them.
     lagrangian: bool = False
+    # PPO-Lagrangian: the multiplier's starting value.
     lambda_init: float = 1.0
+    # PPO-Lagrangian: lambda += lambda_lr * (mean cost - cost_threshold) after each update.
     lambda_lr: float = 0.1
+    # PPO-Lagrangian: lambda stays in [0, lambda_max].
     lambda_max: float = 5.0
     # Constraint: mean episode cost (weighted sum of the cost terms) <= cost_threshold. 0.1
     # suits the [0, 1] profanity probability: clean WordNet definitions average 0.06, while
@@ -311,6 +373,7 @@ class PPOConfig:
     gold_judge: str = "minilm"
     # Forward-pass batch for scoring (reference, reward, values); 0 = whole rollout.
     forward_batch_size: int = 0
+    # Log the update's metrics every N updates; also the interval of the progress line.
     log_every: int = 1
     # Log a table of sample responses every N updates.
     sample_every: int = 10
@@ -318,7 +381,9 @@ class PPOConfig:
     save_every: int = 0
     # Also save the policy's model/ every N updates for the overoptimization view (0 = never).
     snapshot_every: int = 0
+    # Mixed precision for GPUs: "no", "bf16" or "fp16". CPU runs use "no".
     mixed_precision: str = "no"
+    # Recompute activations in the backward pass: less memory, more compute.
     gradient_checkpointing: bool = False
 
 
@@ -328,19 +393,26 @@ class EvalConfig:
 
     # Stage folders; "" = the same run's.
     sft: str = ""
+    # PPO stage folder; without one (none in the run) PPO is not evaluated.
     ppo: str = ""
+    # Reward-model stage folder; without one there are no RM scores or best-of-N.
     reward_model: str = ""
     # Prompts of data.eval used (None = all).
     num_prompts: int | None = None
+    # Sampling temperature of every policy (the same sampler seed for each).
     temperature: float = 0.7
+    # Longest response in tokens.
     max_new_tokens: int = 48
+    # Prompts per generate() call and per scoring batch.
     batch_size: int = 16
+    # Gold judge: "minilm" (built-in) or "module:function".
     judge: str = "minilm"
     # Best-of-N baseline: per prompt, the SFT sample the reward model scores highest out of N
     # (needs a reward model); 0 or 1 = off.
     best_of_n: int = 4
     # Bootstrap resamples for confidence intervals.
     bootstrap: int = 1000
+    # Confidence bins of the calibration probe's ECE.
     calibration_bins: int = 10
     # Questions of the calibration probe (the first N eval words; None = one per eval prompt).
     # Each reads four definitions, so the probe costs several times a policy's sampling.
@@ -351,8 +423,11 @@ class EvalConfig:
 class RunConfig:
     """Where the run lives and how it executes."""
 
+    # Folder of the runs.
     root: str = "runs"
+    # The run's folder under root: its stages are <root>/<name>/<stage>/.
     name: str = "default"
+    # Seed of the random draws (process i of a distributed run starts from seed + i).
     seed: int = 0
     # Continue a killed stage from its last checkpoint in <stage>/checkpoints/.
     resume: bool = False
@@ -383,14 +458,23 @@ class RunConfig:
 class TrackingConfig:
     """Dashboards. metrics.jsonl is always written."""
 
+    # Log to Weights & Biases as well.
     wandb: bool = False
+    # wandb project.
     wandb_project: str = "rlhf-pipeline"
+    # wandb team or user; null = the account's default.
     wandb_entity: str | None = None
     # "offline" (default: no key needed, `wandb sync` later), "online" or "disabled".
     wandb_mode: str = "offline"
+    # Write TensorBoard event files to <stage>/tensorboard/.
     tensorboard: bool = False
-    # Show progress bars.
+    # Progress: a bar in a terminal; anywhere else (a file, a pipe, CI) one line per logging
+    # interval with the step, the stage's main figures and the ETA. false = neither.
     progress: bool = True
+    # The libraries' own output: transformers' weight-loading and saving bars and load reports
+    # (the "MISSING, newly initialized" table of a fresh reward head), hub and datasets bars,
+    # and their deprecation warnings. Off by default (their errors still show).
+    library_logs: bool = False
 
 
 @dataclass
@@ -805,9 +889,11 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] = ()
     problems: list[str] = []
     cfg = Config()
     if config_file is not None:
-        path = Path(config_file)
+        path = shipped.resolve_config(config_file)
         if not path.is_file():
-            raise ConfigError([f"{path}: no such config file"])
+            names = ", ".join(n for n in shipped.configs() if "/" not in n)
+            raise ConfigError([f"{path}: no such config file"
+                               + (f" or shipped config (shipped: {names})" if names else "")])
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -821,6 +907,11 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] = ()
         problems += [f"{path}: {p}" for p in file_problems]
     parsed = dict(parse_override(o) for o in overrides)
     cfg = _build(Config, _nest(parsed), "", problems, base=cfg)
+    # The shipped data (the defaults) from any working directory.
+    for f in dataclasses.fields(cfg.data):
+        value = getattr(cfg.data, f.name)
+        if isinstance(value, str):
+            setattr(cfg.data, f.name, shipped.data_file(value))
     # A wrongly typed value (already reported) may break a cross-key check.
     with contextlib.suppress(TypeError):
         problems += validate(cfg)

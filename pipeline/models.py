@@ -360,17 +360,22 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def cache_name(trunk: torch.nn.Module) -> str:
+    """The name a transformers trunk gives its KV cache, as an argument and as an output field:
+    ``cache`` from transformers 5.x on (where ``past_key_values`` is deprecated and warns on
+    every call), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(trunk.forward).parameters else "past_key_values"
+
+
 def run_trunk(trunk: torch.nn.Module, cache=None, **inputs):
-    """``trunk(**inputs)`` with a KV cache in and out, under either transformers' name for it
-    (``cache`` from 5.x, ``past_key_values`` before); returns ``(output, cache)``."""
-    if cache is not None or inputs.get("use_cache"):
-        inputs["use_cache"] = True
+    """``trunk(**inputs)`` with a KV cache in and out under the trunk's name for it
+    (``cache_name``); returns ``(output, cache)``."""
+    name = cache_name(trunk)
     if cache is not None:
-        name = "cache" if "cache" in inspect.signature(trunk.forward).parameters else \
-            "past_key_values"
         inputs[name] = cache
+        inputs["use_cache"] = True
     out = trunk(**inputs)
-    return out, getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    return out, getattr(out, name, None)
 
 
 def shared_prefix(groups: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -1,4 +1,4 @@
-"""Process setup shared by every stage: threads, device, seeds, the Accelerator."""
+"""Process setup shared by every stage: threads, library output, device, seeds, the Accelerator."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from pipeline.config import Config
+from pipeline.progress import library_output
 
 
 def local_world_size() -> int:
@@ -54,6 +55,7 @@ def make_accelerator(cfg: Config, mixed_precision: str = "no",
     for the CPU explicitly makes it join the gloo process group the launcher set up.
     """
     set_threads(cfg.run.threads)
+    library_output(cfg.tracking.library_logs)
     cpu = cfg.run.device == "cpu" or not torch.cuda.is_available()
     if cpu:
         keep_freed_memory()

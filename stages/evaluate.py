@@ -28,6 +28,7 @@ from accelerate.utils import gather_object
 from pipeline.config import Config
 from pipeline.data import PromptExample, column_map, load_prompts
 from pipeline.models import load_policy, load_reward_model, position_ids, tokenizer_sha256
+from pipeline.progress import progress
 from pipeline.rundir import Parent, StageDir, atomic_write_json, check_same_tokenizer, open_parent
 from pipeline.rundir import stage_dir as parent_dir
 from pipeline.runtime import make_accelerator
@@ -377,6 +378,14 @@ def run(cfg: Config) -> Path:
 
     per_policy: dict[str, list[dict]] = {}
     probe: dict[str, list[dict]] = {}
+    snapshots = snapshot_dirs(ppo) if ppo is not None else []
+    n_policies = 2 + (c.best_of_n > 1 and reward_model is not None) + (ppo is not None)
+    bar = progress(n_policies + len(snapshots), "eval",
+                   cfg.tracking.progress and accelerator.is_main_process, unit="policy")
+
+    def done(name: str, rows: list[dict]) -> None:
+        bar.update(1)
+        bar.log(**{f"gold_{name}": float(np.mean([r["gold"] for r in rows]))})
 
     def evaluate_policy(name: str, model, reference=None, ref_name: str | None = None) -> Samples:
         samples = sample(model, tok, prompts, cfg, seed)
@@ -390,6 +399,7 @@ def run(cfg: Config) -> Path:
         probe[name] = gathered([
             {"index": i, "probs": p.tolist(), "answer": questions[i].answer}
             for i, p in zip(q_shard, probs)])
+        done(name, per_policy[name])
         return samples
 
     # --- Base and SFT ----------------------------------------------------------------------------
@@ -407,6 +417,7 @@ def run(cfg: Config) -> Path:
         columns["kl"] = [best_of_n_kl(c.best_of_n)] * len(shard)
         columns["kl_reference"] = ["sft"] * len(shard)
         per_policy["bon"] = gathered(rows_of(columns, shard))
+        done("bon", per_policy["bon"])
 
     # --- PPO and its snapshots (overoptimization) ----------------------------------------------
     overopt_local: list[tuple[int, dict]] = []
@@ -414,7 +425,7 @@ def run(cfg: Config) -> Path:
         ppo_model, _ = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(ppo.model_dir))
         evaluate_policy("ppo", ppo_model.to(device), sft_model, "sft")
         del ppo_model
-        for update, folder in snapshot_dirs(ppo):
+        for update, folder in snapshots:
             snap, _ = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(folder))
             snap.to(device)
             samples = sample(snap, tok, prompts, cfg, seed)
@@ -425,7 +436,9 @@ def run(cfg: Config) -> Path:
                                   c.temperature, c.batch_size),
             }
             overopt_local.append((update, gathered(rows_of(columns, shard))))
+            done(f"update{update}", overopt_local[-1][1])
             del snap
+    bar.close()
 
     # --- Aggregate (main writes) -----------------------------------------------------------------
     results: dict = {"run": cfg.run.name, "num_prompts": len(examples),

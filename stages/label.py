@@ -107,7 +107,7 @@ def run(cfg: Config) -> Path:
     gen_tokens = gen_responses = no_eos = 0
     gen_seconds = 0.0
     bar = progress(len(shard), "label", enabled=cfg.tracking.progress and
-                   accelerator.is_main_process)
+                   accelerator.is_main_process, unit="prompts")
     for start in range(0, len(shard), c.batch_size):
         idx = shard[start: start + c.batch_size]
         # Repeating each prompt K times in one call gives a K*batch KV-cache batch: one pass
@@ -126,6 +126,7 @@ def run(cfg: Config) -> Path:
         tracker.log({"gen/prompts_done": start + len(idx),
                      "gen/tokens_per_s": gen_tokens / max(gen_seconds, 1e-9)},
                     step=start + len(idx))
+        bar.log(**{"tokens/s": gen_tokens / max(gen_seconds, 1e-9)})
     bar.close()
 
     # --- Judge and rank (per shard: scores don't depend on which process computes them) --------

@@ -365,7 +365,7 @@ def run(cfg: Config) -> Path:
         # The curve summary in the manifest covers the whole run, not just the resumed part.
         history = [json.loads(line) for line in tracker.path.read_text().splitlines() if line]
     bar = progress(c.num_updates, "ppo", cfg.tracking.progress and accelerator.is_main_process,
-                   initial=update)
+                   initial=update, unit="update")
     all_reduce = (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None
 
     def global_mean(x: torch.Tensor) -> float:
@@ -506,6 +506,8 @@ def run(cfg: Config) -> Path:
             metrics["objective/gold"] = global_mean(gold)
         if update % c.log_every == 0 or update == c.num_updates:
             tracker.log(metrics, step=update)
+            bar.log(kl=mean_kl, score=metrics["objective/scores"],
+                    reward=metrics["objective/rlhf_reward"])
         history.append(metrics)
         if accelerator.is_main_process and (c.sample_every and update % c.sample_every == 0
                                             or update == c.num_updates):

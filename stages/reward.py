@@ -374,6 +374,7 @@ def run(cfg: Config) -> Path:
                 "perf/sequences_per_s":
                     sequences_seen * accelerator.num_processes / (time.time() - start),
             }, step=step)
+            bar.log(loss=float(totals[0] / n), accuracy=float(totals[1] / n))
         if c.eval_every and step % c.eval_every == 0 and step < total_steps:
             periodic = run_eval()[0]
             tracker.log(as_logged(periodic), step=step)

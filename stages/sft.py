@@ -174,14 +174,16 @@ def run(cfg: Config) -> Path:
         tokens_seen += int(out.sums["tokens"])
         if step % c.log_every == 0 or step == total_steps:
             sums = window.pop()
+            train_loss = sums["nll"] / max(sums["targets"], 1)
             tracker.log({
-                "train/loss": sums["nll"] / max(sums["targets"], 1),
+                "train/loss": train_loss,
                 "train/grad_norm": out.grad_norm,
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/epoch": loop.epoch + loop.batches_done / max(len(train_loader), 1),
                 "perf/tokens_per_s": tokens_seen * accelerator.num_processes
                 / (time.time() - start),
             }, step=step)
+            bar.log(loss=float(train_loss))
         if c.eval_every and step % c.eval_every == 0 and step < total_steps:
             loss = eval_loss(model, eval_loader, accelerator)
             tracker.log({"eval/loss": loss}, step=step)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,28 @@ def test_pipeline_resume_skips_finished_stages(tiny_sft_run, tmp_path, capsys):
     out = capsys.readouterr()
     assert "[sft] already complete, skipped" in out.out
     assert code == 1 and "judge_raises" in out.err
+
+
+def test_stage_run_with_stderr_to_a_file_prints_interval_lines(tmp_path):
+    """`rlhf sft ... 2> log`: one line per logging interval, none of the libraries' noise."""
+    from tests.conftest import tiny_override_list
+
+    log = tmp_path / "stderr.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("CI", None)
+    with open(log, "w") as err:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "sft", *tiny_override_list(tmp_path / "runs"),
+             "sft.log_every=2", "tracking.progress=true"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=err, text=True, timeout=300)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    lines = text.splitlines()
+    pattern = r"\[sft\] step (\d+)/4  loss \d+\.\d+  (eta|took) \d+s"
+    assert all(re.fullmatch(pattern, line) for line in lines), text
+    assert [int(re.fullmatch(pattern, line).group(1)) for line in lines] == [2, 4]
+    assert "took" in lines[-1]
+    # transformers' save bar (model/), and its deprecation warning for the cache argument
+    # that generation (samples.jsonl) used to trigger.
+    for noise in ("Writing model shards", "past_key_values", "Warning"):
+        assert noise not in text
