@@ -127,6 +127,20 @@ def check_backend(accelerator, env: Mapping[str, str]) -> None:
         raise PipelineError("; ".join(problems))
 
 
+@torch.no_grad()
+def broadcast_from_main(model: torch.nn.Module, accelerator) -> None:
+    """Every process's copy of ``model`` made the main process's, before it is prepared.
+
+    DDP does this when it wraps a model; FSDP2 shards each process's own copy as it is, so
+    weights drawn at random per process (a fresh LoRA adapter, seeded with the process index)
+    would make a model that no single process built.
+    """
+    if accelerator.num_processes == 1 or backend(accelerator) == REPLICATED:
+        return
+    for tensor in [*model.parameters(), *model.buffers()]:
+        torch.distributed.broadcast(tensor.data, src=0)
+
+
 @contextlib.contextmanager
 def gathered(model: torch.nn.Module, modifier_rank: int | None = None) -> Iterator[None]:
     """ZeRO-3: every parameter of ``model`` whole for the duration (a collective); with
@@ -154,8 +168,9 @@ def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def whole_state(model: torch.nn.Module, trainable_only: bool = True) -> dict[str, torch.Tensor]:
-    """Whole CPU copies of the parameters by name (a collective under sharding: every process
-    calls it); only those that train when ``trainable_only``."""
+    """The whole parameters by name, on the CPU (a collective under sharding: every process
+    calls it); only those that train when ``trainable_only``. A tensor that already was whole
+    on the CPU is returned as it is, sharing the parameter's storage."""
     out = {}
     with gathered(model):
         for name, p in model.named_parameters():

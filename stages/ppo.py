@@ -344,6 +344,8 @@ def run(cfg: Config) -> Path:
     critic_opt = make_optimizer(critic, c.critic_lr, c)
     policy_sched = build_scheduler(policy_opt, c.lr_scheduler, optim_steps)
     critic_sched = build_scheduler(critic_opt, c.lr_scheduler, optim_steps)
+    sharding.broadcast_from_main(policy, accelerator)
+    sharding.broadcast_from_main(critic, accelerator)
     # What samples and is saved: the policy itself, or under FSDP a whole copy of it.
     sampler = sharding.WholeCopy(policy, accelerator)
     # One model per prepare: FSDP2 shards one model (and its optimizer) per call.

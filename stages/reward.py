@@ -318,6 +318,7 @@ def run(cfg: Config) -> Path:
     # a length counted before sharding), so its horizon is counted the same way.
     scheduler = build_scheduler(optimizer, c.lr_scheduler,
                                 total_steps * accelerator.num_processes, c.warmup_ratio)
+    sharding.broadcast_from_main(scorer, accelerator)
     # What evaluates and is saved: the scorer itself, or under FSDP a whole copy of it.
     whole_scorer = sharding.WholeCopy(scorer, accelerator)
     scorer, optimizer, loader, scheduler = accelerator.prepare(scorer, optimizer, loader,

@@ -135,6 +135,7 @@ def run(cfg: Config) -> Path:
     # accelerate's prepared scheduler steps once per process on every optimizer step.
     scheduler = build_scheduler(optimizer, c.lr_scheduler, total_steps * accelerator.num_processes,
                                 c.warmup_ratio)
+    sharding.broadcast_from_main(model, accelerator)
     # What samples and is saved: the model itself, or under FSDP a whole copy of it.
     whole_model = sharding.WholeCopy(model, accelerator)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
