@@ -83,6 +83,23 @@ def kill_after_checkpoint(stage: Path, step: str) -> None:
     assert (stage / "checkpoints" / "latest").read_text().strip() == step
 
 
+@pytest.mark.slow
+def test_sft_runs_under_fsdp(root: Path) -> None:
+    """SFT's loss is each process's token mean (as under DDP), so it is not compared with one
+    process; its samples and saved model come from the whole copy."""
+    stdout = launch_fsdp("sft", [*tiny_override_list(root, "fsdp_sft"), "sft.max_steps=2",
+                                 "sft.batch_size=2", "sft.save_every=1", "sft.num_samples=2"])
+    assert_sharded(stdout, "LlamaForCausalLM")
+    stage = root / "fsdp_sft" / "sft"
+    assert json.loads((stage / MANIFEST).read_text())["metrics"]["world_size"] == 2
+    assert len((stage / "samples.jsonl").read_text().splitlines()) == 2
+    # The whole model (not a shard) was saved: the same tensors as a one-process run saves.
+    trained = load_file(str(stage / "model" / "model.safetensors"))
+    one = load_file(str(root / "t" / "sft" / "model" / "model.safetensors"))
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in one.items()}
+    assert all(torch.isfinite(v).all() for v in trained.values())
+
+
 # ---------------------------------------------------------------------------------------------
 # Reward model
 # ---------------------------------------------------------------------------------------------
