@@ -35,6 +35,7 @@ from transformers import (
 from pipeline.config import LoraConfig, ModelConfig
 from pipeline.errors import PipelineError
 from pipeline.rundir import apply_umask
+from pipeline.sharding import is_partial
 
 # short name -> (python package that ships the file, file name inside the package)
 PACKAGED = {
@@ -458,13 +459,16 @@ def output_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
 
 def _output_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     head = plain_output_head(model)
-    if head is not None and hidden.dim() == 2 and hidden.shape[0] <= 64 and head.bias is None:
+    # A sharded head (an FSDP2 shard, a ZeRO-3 placeholder) is left to its own forward, where
+    # the backend's hooks make its weight whole.
+    whole = head is not None and not is_partial(head.weight)
+    if whole and hidden.dim() == 2 and hidden.shape[0] <= 64 and head.bias is None:
         # A few rows against a 50k x d matrix: MKL's (V, d) @ (d, N) runs 1.3-1.5x faster on
         # CPU than the (N, d) @ (d, V) a Linear layer issues (the case of every decoding step).
         return (head.weight.float() @ hidden.t()).t().contiguous()
     config = model.config
     head = model.get_output_embeddings()
-    if type(head) is torch.nn.Linear:
+    if type(head) is torch.nn.Linear and not is_partial(head.weight):
         logits = torch.nn.functional.linear(
             hidden, head.weight.float(), None if head.bias is None else head.bias.float())
     else:

@@ -14,6 +14,7 @@ from accelerate.utils import set_seed
 
 from pipeline.config import Config
 from pipeline.progress import library_output
+from pipeline.sharding import check_backend
 
 
 def local_world_size() -> int:
@@ -64,6 +65,7 @@ def make_accelerator(cfg: Config, mixed_precision: str = "no",
         mixed_precision=mixed_precision if not cpu else "no",
         gradient_accumulation_steps=gradient_accumulation_steps,
     )
+    check_backend(accelerator, os.environ)
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:
         raise RuntimeError(

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.data import Demonstration
 from pipeline.models import hf_model, output_logits, position_ids, run_trunk
+from pipeline.sharding import is_partial
 
 IGNORE_INDEX = -100
 
@@ -195,6 +196,11 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
     dropped), so the remaining steps compute only the rows still sampling: responses are short
     on average while the longest in a batch often runs to the limit.
     """
+    if any(is_partial(p) for p in model.parameters()):
+        # Each decoding step would gather the shards, a collective that processes taking
+        # different numbers of steps never finish together.
+        raise RuntimeError("generate() needs whole weights; under FSDP or ZeRO-3 sample from "
+                           "a pipeline.sharding.WholeCopy of the model")
     was_training = model.training
     model.eval()
     stops = sorted(eos_ids(tok, model))

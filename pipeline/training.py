@@ -37,6 +37,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
+from pipeline import sharding
 from pipeline.config import Config, flatten, key_matches, to_dict, to_yaml
 from pipeline.errors import PipelineError
 from pipeline.models import plain_copy
@@ -73,11 +74,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: in
                          num_training_steps=max(total_steps, 1))
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
-            if p.requires_grad}
-
-
 def save_checkpoint(folder: Path, step: int, accelerator: Accelerator, *,
                     models: dict[str, torch.nn.Module],
                     optimizers: dict[str, Any], state: dict[str, Any],
@@ -86,23 +82,38 @@ def save_checkpoint(folder: Path, step: int, accelerator: Accelerator, *,
     """Write ``folder/step-N`` (weights, optimizer/scheduler states, RNG, ``state`` and the
     resolved ``config`` that a resume is compared with).
 
-    ``pretrained`` (the stage's transformers model and its tokenizer) also goes to
+    ``pretrained`` (the stage's transformers model, whole, and its tokenizer) also goes to
     ``step-N/model/`` in transformers' own format, LoRA merged, so a mid-run checkpoint opens
     with ``from_pretrained`` like a finished stage's model; resuming reads only the files
-    above."""
+    above.
+
+    Every process calls it. Under FSDP the weights and optimizer states are gathered whole
+    (collectives) and the main process writes them, in the same files as without sharding
+    (the optimizer's keyed by parameter name). Under DeepSpeed each process's partitions are
+    in the engine, and its own checkpoint (``accelerator.save_state``) goes in ``deepspeed/``.
+    """
     target = folder / f"step-{step:07d}"
     tmp = folder / f".step-{step:07d}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    kind = sharding.backend(accelerator)
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    optim = None
+    if kind == sharding.DEEPSPEED:
+        accelerator.save_state(str(tmp / "deepspeed"))
+    else:
+        weights = {name: sharding.whole_state(accelerator.unwrap_model(model))
+                   for name, model in models.items()}
+        optim = {name: sharding.optimizer_state(opt, models) for name, opt in optimizers.items()}
     if accelerator.is_main_process:
-        for name, model in models.items():
-            save_file(trainable_state(accelerator.unwrap_model(model)),
-                      str(tmp / f"{name}.safetensors"))
-        torch.save({name: opt.state_dict() for name, opt in optimizers.items()},
-                   tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
+        for name, tensors in weights.items():
+            save_file(tensors, str(tmp / f"{name}.safetensors"))
+        if optim is not None:
+            torch.save(optim, tmp / "optim.pt")
+        (tmp / "state.json").write_text(
+            json.dumps({"step": step, "backend": kind, **state}, indent=2) + "\n")
         if config is not None:
             (tmp / "config.yaml").write_text(to_yaml(config))
         if pretrained is not None:
@@ -161,8 +172,28 @@ def load_checkpoint(path: Path, accelerator: Accelerator, *,
     """Restore what ``save_checkpoint`` wrote; returns the stage's ``state`` (with ``step``).
 
     Any file that is missing, truncated, of the wrong shape or not plain data is refused with
-    one line naming it, before the models are touched by a partial copy.
+    one line naming it, before the models are touched by a partial copy; so is a checkpoint
+    written under another sharding backend (FSDP, DeepSpeed, or neither).
     """
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise _damaged(path / "state.json", exc) from None
+    if not isinstance(state, dict):
+        raise _damaged(path / "state.json", ValueError("expected a mapping"))
+    kind = sharding.backend(accelerator)
+    written = state.get("backend", sharding.REPLICATED)
+    if written != kind:
+        raise PipelineError(
+            f"{path}: written under {written} and this run is under {kind}; resume it with the "
+            "accelerate config it was written under, or start the stage again without "
+            "run.resume")
+    if kind == sharding.DEEPSPEED:
+        accelerator.load_state(str(path / "deepspeed"))
+        rng_file = path / f"rng-{accelerator.process_index}.pt"
+        if rng_file.is_file():
+            set_rng_state(_load_tensors(rng_file))
+        return state
     restored: dict[str, dict[str, torch.Tensor]] = {}
     for name, model in models.items():
         file = path / f"{name}.safetensors"
@@ -188,18 +219,11 @@ def load_checkpoint(path: Path, accelerator: Accelerator, *,
         raise _damaged(path / "optim.pt", KeyError(f"expected states for {', '.join(optimizers)}"))
     rng_file = path / f"rng-{accelerator.process_index}.pt"
     rng = _load_tensors(rng_file) if rng_file.is_file() else None
-    try:
-        state = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise _damaged(path / "state.json", exc) from None
     for name, model in models.items():
-        params = dict(accelerator.unwrap_model(model).named_parameters())
-        with torch.no_grad():
-            for n, tensor in restored[name].items():
-                params[n].copy_(tensor.to(params[n].device, params[n].dtype))
+        sharding.load_whole_state(accelerator.unwrap_model(model), restored[name])
     for name, opt in optimizers.items():
         try:
-            opt.load_state_dict(states[name])
+            sharding.load_optimizer_state(opt, models, states[name])
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise _damaged(path / "optim.pt", exc) from None
     if rng is not None:

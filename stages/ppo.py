@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import sharding
 from pipeline.config import Config, PPOConfig
 from pipeline.data import PromptExample, column_map, load_demonstrations, load_prompts
 from pipeline.errors import PipelineError
@@ -298,6 +299,13 @@ def make_optimizer(model, lr: float, cfg: PPOConfig) -> torch.optim.Optimizer:
 def run(cfg: Config) -> Path:
     c = cfg.ppo
     accelerator = make_accelerator(cfg, c.mixed_precision)
+    if sharding.backend(accelerator) == sharding.DEEPSPEED:
+        # accelerate builds one DeepSpeed engine per Accelerator and refuses a second model in
+        # it; the policy and the critic train with optimizers of their own.
+        raise PipelineError("ppo: DeepSpeed is not supported for PPO (it trains two models, a "
+                            "policy and a critic, and accelerate gives an Accelerator one "
+                            "DeepSpeed engine); launch it with configs/accelerate/fsdp.yaml "
+                            "or gpu_ddp.yaml")
     stage = StageDir(cfg, "ppo", accelerator.is_main_process)
     # Everything that can refuse the run does so before stage.start() clears an old ppo dir.
     stage.check()
@@ -336,9 +344,13 @@ def run(cfg: Config) -> Path:
     critic_opt = make_optimizer(critic, c.critic_lr, c)
     policy_sched = build_scheduler(policy_opt, c.lr_scheduler, optim_steps)
     critic_sched = build_scheduler(critic_opt, c.lr_scheduler, optim_steps)
-    policy, critic, policy_opt, critic_opt = accelerator.prepare(
-        policy, critic, policy_opt, critic_opt
-    )
+    sharding.broadcast_from_main(policy, accelerator)
+    sharding.broadcast_from_main(critic, accelerator)
+    # What samples and is saved: the policy itself, or under FSDP a whole copy of it.
+    sampler = sharding.WholeCopy(policy, accelerator)
+    # One model per prepare: FSDP2 shards one model (and its optimizer) per call.
+    policy, policy_opt = accelerator.prepare(policy, policy_opt)
+    critic, critic_opt = accelerator.prepare(critic, critic_opt)
     if reference is not None:
         reference = reference.to(accelerator.device)
     kl_ctl = (ops.AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.adaptive_kl
@@ -382,8 +394,8 @@ def run(cfg: Config) -> Path:
         # Every forward of the update (sampler, policy, reference, critic, reward) runs under
         # the same autocast as the prepared policy: a bf16 policy against an fp32 reference or
         # sampler has a KL that is not 0 at the start, and can be negative.
-        with accelerator.autocast():
-            responses = generate(unwrapped_policy.model, tok, [encoded[i] for i in index],
+        with accelerator.autocast(), sampler.whole(policy) as whole:
+            responses = generate(whole.model, tok, [encoded[i] for i in index],
                                  max_new_tokens=c.response_length, temperature=c.temperature,
                                  top_k=c.top_k, top_p=c.top_p, batch_size=c.batch_size)
         # Every response has >= 1 token, and one without EOS has the full length.
@@ -520,23 +532,25 @@ def run(cfg: Config) -> Path:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
             tracker.log_table("samples", table, step=update)
         if c.snapshot_every and update % c.snapshot_every == 0 and update < c.num_updates:
-            if accelerator.is_main_process:
-                snapshot = plain_copy(unwrapped_policy.model)
-                save_pretrained_atomic(snapshot, tok,
-                                       stage.path / "snapshots" / f"update-{update:06d}")
-                del snapshot
+            with sampler.whole(policy) as whole:
+                if accelerator.is_main_process:
+                    snapshot = plain_copy(whole.model)
+                    save_pretrained_atomic(snapshot, tok,
+                                           stage.path / "snapshots" / f"update-{update:06d}")
+                    del snapshot
             accelerator.wait_for_everyone()
         if c.save_every and update % c.save_every == 0 and update < c.num_updates:
-            save_checkpoint(stage.checkpoints, update, accelerator, models=models,
-                            optimizers=optimizers,
-                            state={"cursor": cursor, "ptx_cursor": ptx_cursor,
-                                   "kl_ctl": kl_ctl.state_dict(),
-                                   "lagrange": lagrange.state_dict()}, config=cfg,
-                            pretrained=(unwrapped_policy.model, tok))
+            with sampler.whole(policy) as whole:
+                save_checkpoint(stage.checkpoints, update, accelerator, models=models,
+                                optimizers=optimizers,
+                                state={"cursor": cursor, "ptx_cursor": ptx_cursor,
+                                       "kl_ctl": kl_ctl.state_dict(),
+                                       "lagrange": lagrange.state_dict()}, config=cfg,
+                                pretrained=(whole.model, tok))
     bar.close()
 
     # --- Save ----------------------------------------------------------------------------------
-    final = merged(accelerator.unwrap_model(policy).model)
+    final = merged(sampler.fill(policy).model)
     if accelerator.is_main_process:
         save_pretrained_atomic(final, tok, stage.path / "model")
     accelerator.wait_for_everyone()

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
+from pipeline import sharding
 from pipeline.config import Config
 from pipeline.data import ColumnMap, PromptExample, column_map, load_prompts, load_ranked
 from pipeline.errors import PipelineError
@@ -317,14 +318,18 @@ def run(cfg: Config) -> Path:
     # a length counted before sharding), so its horizon is counted the same way.
     scheduler = build_scheduler(optimizer, c.lr_scheduler,
                                 total_steps * accelerator.num_processes, c.warmup_ratio)
+    sharding.broadcast_from_main(scorer, accelerator)
+    # What evaluates and is saved: the scorer itself, or under FSDP a whole copy of it.
+    whole_scorer = sharding.WholeCopy(scorer, accelerator)
     scorer, optimizer, loader, scheduler = accelerator.prepare(scorer, optimizer, loader,
                                                                scheduler)
     checkpointed = {"models": {"reward": scorer},
                     "optimizers": {"optimizer": optimizer, "scheduler": scheduler}}
 
     def run_eval() -> tuple[dict[str, float], list[dict]]:
-        return evaluate(accelerator.unwrap_model(scorer), eval_groups, accelerator,
-                        c.batch_size, c.calibration_bins, tok.pad_token_id)
+        with whole_scorer.whole(scorer) as model:
+            return evaluate(model, eval_groups, accelerator, c.batch_size,
+                            c.calibration_bins, tok.pad_token_id)
 
     loop = LoopState()
     if resume_from is not None:
@@ -380,9 +385,10 @@ def run(cfg: Config) -> Path:
             tracker.log(as_logged(periodic), step=step)
             guard.check(step, **{f"held-out {k}": v for k, v in periodic.items()})
         if c.save_every and step % c.save_every == 0 and step < total_steps:
-            save_checkpoint(stage.checkpoints, step, accelerator, **checkpointed,
-                            state={**loop.as_dict(), "before": before}, config=cfg,
-                            pretrained=(accelerator.unwrap_model(scorer).model, tok))
+            with whole_scorer.whole(scorer) as whole:
+                save_checkpoint(stage.checkpoints, step, accelerator, **checkpointed,
+                                state={**loop.as_dict(), "before": before}, config=cfg,
+                                pretrained=(whole.model, tok))
     bar.close()
     train_seconds = time.time() - start
     step = loop.step
@@ -391,7 +397,7 @@ def run(cfg: Config) -> Path:
     after, calibration = run_eval()
     tracker.log(as_logged(after), step=step)
     guard.check(step, **{f"held-out {k}": v for k, v in after.items()})
-    reward_model = merged(accelerator.unwrap_model(scorer).model)
+    reward_model = merged(whole_scorer.fill(scorer).model)
     final = ScoreModel(reward_model)
     policy, _ = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(sft.model_dir))
     norm, norm_metrics = normalization(final, policy.to(accelerator.device), tok, cfg,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.models import hf_model, output_logits, plain_output_head, trunk_hidden
+from pipeline.sharding import is_partial
 from stages import ops
 
 
@@ -52,7 +53,9 @@ class PolicyModel(torch.nn.Module):
         h = hidden[where]                                                     # (N, d)
         targets = input_ids[:, 1:][where]                                     # (N,)
         head = plain_output_head(inner)
-        if head is not None and entropy != "grad":
+        # The fused op reads the head's weight itself: a sharded one (outside the prepared
+        # model's forward, or under ZeRO-3) goes through the head's own forward instead.
+        if head is not None and entropy != "grad" and not is_partial(head.weight):
             logp, ent = ops.logprobs_from_hidden(h, head.weight, head.bias, targets,
                                                  temperature, self.workspace,
                                                  with_entropy=entropy == "detached")

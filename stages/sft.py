@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline import sharding
 from pipeline.config import Config
 from pipeline.data import column_map, load_demonstrations, load_prompts
 from pipeline.models import (
@@ -134,6 +135,9 @@ def run(cfg: Config) -> Path:
     # accelerate's prepared scheduler steps once per process on every optimizer step.
     scheduler = build_scheduler(optimizer, c.lr_scheduler, total_steps * accelerator.num_processes,
                                 c.warmup_ratio)
+    sharding.broadcast_from_main(model, accelerator)
+    # What samples and is saved: the model itself, or under FSDP a whole copy of it.
+    whole_model = sharding.WholeCopy(model, accelerator)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
@@ -189,10 +193,11 @@ def run(cfg: Config) -> Path:
             tracker.log({"eval/loss": loss}, step=step)
             guard.check(step, **{"eval loss": loss})
         if c.save_every and step % c.save_every == 0 and step < total_steps:
-            save_checkpoint(stage.checkpoints, step, accelerator, **checkpointed,
-                            state={**loop.as_dict(),
-                                   "eval_loss_before": metrics["eval_loss_before"]},
-                            config=cfg, pretrained=(model, tok))
+            with whole_model.whole(model) as whole:
+                save_checkpoint(stage.checkpoints, step, accelerator, **checkpointed,
+                                state={**loop.as_dict(),
+                                       "eval_loss_before": metrics["eval_loss_before"]},
+                                config=cfg, pretrained=(whole, tok))
     bar.close()
     train_seconds = time.time() - start
     step = loop.step
@@ -201,7 +206,7 @@ def run(cfg: Config) -> Path:
     metrics["eval_loss_after"] = eval_loss(model, eval_loader, accelerator)
     tracker.log({"eval/loss": metrics["eval_loss_after"]}, step=step)
     guard.check(step, **{"eval loss": metrics["eval_loss_after"]})
-    policy = merged(accelerator.unwrap_model(model))
+    policy = merged(whole_model.fill(model))
     samples = []
     if accelerator.is_main_process and c.num_samples:
         prompts = sample_prompts
