@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.config import Config  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.rundir import STAGES, atomic_write_text, read_manifest  # noqa: E402
+from pipeline.rundir import STAGES, atomic_write_text, ppo_algorithm, read_manifest  # noqa: E402
 
 REPORT = "report.html"
 # Sample rows shown in the report.
@@ -215,7 +215,18 @@ def ppo_section(run_dir: Path, manifest: dict | None) -> str:
                                   "response/length"], "update")
     if not present:
         return missing("The PPO stage logged no curves.")
-    return figure_img("ppo_curves", draw, "PPO training curves", size=(9.0, 6.0))
+    algo = ppo_algorithm(manifest)
+    k = algo["samples_per_prompt"]
+    note = (f'<p class="small">Advantage estimator: {esc(algo["label"])} ({k} response'
+            f'{"s" if k > 1 else ""} per prompt, KL in the {esc(algo["kl_in"])}, '
+            f'{"with a" if algo["critic"] else "no"} critic).</p>')
+    return figure_img("ppo_curves", draw, "PPO training curves", size=(9.0, 6.0)) + note
+
+
+def policy_name(name: str, results: dict) -> str:
+    """A policy's name in tables; the PPO policy's says how its advantages were estimated."""
+    algo = results.get("ppo_algorithm")
+    return f"{name} ({algo['label']})" if name == "ppo" and algo else name
 
 
 def overoptimization_section(results: dict) -> str:
@@ -243,7 +254,8 @@ def overoptimization_section(results: dict) -> str:
         ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2,
                   fontsize=8, frameon=False)
 
-    rows = [[p.get("policy"), p["update"], p["kl"], p["gold"], p.get("rm")] for p in points]
+    rows = [[policy_name(p.get("policy"), results), p["update"], p["kl"], p["gold"], p.get("rm")]
+            for p in points]
     return (figure_img("overoptimization", draw, "Overoptimization: score vs KL to SFT")
             + table(["policy", "update", "KL to SFT", "gold", "RM"], rows))
 
@@ -283,6 +295,7 @@ def results_section(results: dict) -> str:
         if name == "bon":
             # Its KL is the analytic log N - (N-1)/N, not an estimate from samples.
             name = f"best-of-{results.get('best_of_n')} (SFT samples, by RM; analytic KL)"
+        name = policy_name(name, results)
         rows.append([name, ci(r["gold"]), ci(r.get("rm")),
                      f"{ci(kl)} vs {kl['reference']}" if kl else "—",
                      r["length_mean"], r["no_eos_frac"], r["headword_violation_frac"],
