@@ -112,6 +112,32 @@ def test_gae_still_builds_its_critic(sft_root, monkeypatch):
     assert "loss/value" in rows[0] and "lr/critic" in rows[0]
 
 
+def test_critic_free_lora_scores_with_the_reward_model(sft_root):
+    """With LoRA the gae reward is the critic's base with its adapter off; without a critic
+    the reward model is loaded on its own, and its scores reach the rollout."""
+    from pipeline.models import load_reward_backbone, load_tokenizer, tokenizer_sha256
+    from pipeline.rundir import StageDir
+
+    cfg = load_config(None, overrides(sft_root))
+    model_dir = sft_root / "t" / "sft" / "model"
+    tok = load_tokenizer(str(model_dir), cfg.model)
+    rm_stage = StageDir(cfg, "rm")
+    rm_stage.start()
+    load_reward_backbone(str(model_dir), cfg.model, tok, seed=5).save_pretrained(
+        rm_stage.path / "model")
+    tok.save_pretrained(rm_stage.path / "model")
+    rm_stage.finish(metrics={}, extras={"norm_bias": 0.0, "norm_scale": 1.0},
+                    tokenizer_sha256=tokenizer_sha256(tok))
+    manifest, rows = run_ppo(sft_root, "ppo.num_updates=1", "ppo.advantage_estimator=rloo",
+                             "ppo.batch_size=2", "ppo.samples_per_prompt=2",
+                             "ppo.lora.enabled=true", "ppo.lora.r=4",
+                             "ppo.rewards=[{type: model}]", "run.name=lora-rm",
+                             policy_arg(sft_root), f"ppo.reward_model={rm_stage.path}")
+    assert manifest["extras"]["critic"] is False
+    assert abs(rows[0]["reward/rm_raw"]) > 1e-6
+    assert rows[0]["reward/model"] == pytest.approx(rows[0]["reward/rm_raw"], rel=1e-5)
+
+
 def test_kl_loss_term_and_adaptive_controller(runs):
     """GRPO with the KL in the loss: logged, and the controller still steers its weight
     (the KL sits above the 0.5 target, so beta grows)."""
