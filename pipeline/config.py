@@ -285,9 +285,23 @@ class PPOConfig:
     reward_model: str = ""
     # PPO updates (one rollout batch each).
     num_updates: int = 100
-    # Prompts per process per rollout.
+    # Prompts per process per rollout; each is sampled ppo.samples_per_prompt times, so a
+    # process's rollout holds batch_size * samples_per_prompt responses.
     batch_size: int = 16
-    # Minibatches each rollout batch is split into per PPO epoch.
+    # Responses sampled per prompt (k). The group estimators (rloo, grpo) compare the k
+    # responses to one prompt and need k >= 2; gae and reinforce_pp take any k >= 1.
+    samples_per_prompt: int = 1
+    # How the policy's advantages are estimated: "gae" (a critic initialized from the reward
+    # model; GAE with gamma and lam), "rloo" (the mean reward of the prompt's other k - 1
+    # responses as the baseline), "grpo" (the group's mean reward as the baseline, divided by
+    # the group's std with ppo.grpo_std_normalize), "reinforce_pp" (REINFORCE++: the reward-to-
+    # go of the per-token reward, whitened over the global batch). Only gae builds a critic.
+    advantage_estimator: str = "gae"
+    # grpo: divide by the group's reward std (GRPO, OpenRLHF group_norm); false keeps the
+    # mean-centred reward only (Dr. GRPO, OpenRLHF dr_grpo).
+    grpo_std_normalize: bool = True
+    # Minibatches each rollout batch (all batch_size * samples_per_prompt responses) is split
+    # into per PPO epoch.
     num_minibatches: int = 1
     # Passes over each rollout batch.
     ppo_epochs: int = 4
@@ -313,17 +327,24 @@ class PPOConfig:
     # Adaptive KL: each update changes kl_coef by at most 20% x (episodes in the update) /
     # kl_horizon.
     kl_horizon: int = 10000
-    # KL estimator in the reward: k1 (unbiased per token), k2 or k3.
+    # KL estimator: k1 (the log-ratio; unbiased per token), k2 (half its square) or k3 (the
+    # non-negative unbiased estimate). k1 belongs in the reward, k2 or k3 in the loss.
     kl_estimator: str = "k1"
+    # Where the KL to the reference acts: "reward" (-kl_coef * KL per token in the reward; the
+    # group estimators subtract kl_coef times the response's summed KL from its reward before
+    # the baseline) or "loss" (kl_coef * the token-mean KL estimate added to the policy loss,
+    # as in GRPO). kl_coef, and the adaptive controller, serve both.
+    kl_in: str = "reward"
     # Normalized scores are clipped to [-reward_clip, reward_clip].
     reward_clip: float = 5.0
-    # Rescale the per-token rewards (mean kept) before GAE.
+    # Rescale the per-token rewards (mean kept) before gae or reinforce_pp.
     whiten_rewards: bool = False
-    # Normalize the advantages over all response tokens of the batch (all processes).
+    # Normalize the advantages over all valid tokens of the global batch: gae and reinforce_pp.
+    # rloo and grpo are centred by their group baseline and are not whitened.
     whiten_advantages: bool = True
-    # GAE discount.
+    # Discount of gae and of reinforce_pp's reward-to-go; rloo and grpo score whole responses.
     gamma: float = 1.0
-    # GAE lambda.
+    # GAE lambda (gae only).
     lam: float = 0.95
     # PPO's clip of the probability ratio: 1 +- clip_range.
     clip_range: float = 0.2
@@ -507,6 +528,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "rm.mixed_precision": ("no", "bf16", "fp16"),
     "ppo.lr_scheduler": ("linear", "constant"),
     "ppo.kl_estimator": ("k1", "k2", "k3"),
+    "ppo.kl_in": ("reward", "loss"),
+    "ppo.advantage_estimator": ("gae", "rloo", "grpo", "reinforce_pp"),
     "ppo.mixed_precision": ("no", "bf16", "fp16"),
     "run.device": ("auto", "cpu"),
     "tracking.wandb_mode": ("offline", "online", "disabled"),
@@ -521,10 +544,10 @@ _POSITIVE = (
     "label.k", "label.max_new_tokens", "label.batch_size", "label.annotators.n",
     "rm.batch_size", "rm.grad_accum_steps", "rm.lr", "rm.max_seq_len", "rm.epochs",
     "rm.max_new_tokens", "rm.calibration_bins", "rm.log_every", "rm.lora.r", "rm.lora.alpha",
-    "ppo.num_updates", "ppo.batch_size", "ppo.num_minibatches", "ppo.ppo_epochs",
-    "ppo.response_length", "ppo.lr", "ppo.critic_lr", "ppo.adam_eps", "ppo.kl_target",
-    "ppo.kl_horizon", "ppo.reward_clip", "ppo.log_every", "ppo.lora.r", "ppo.lora.alpha",
-    "ppo.ptx_batch_size", "eval.max_new_tokens", "eval.batch_size", "eval.calibration_bins",
+    "ppo.num_updates", "ppo.batch_size", "ppo.samples_per_prompt", "ppo.num_minibatches",
+    "ppo.ppo_epochs", "ppo.response_length", "ppo.lr", "ppo.critic_lr", "ppo.adam_eps",
+    "ppo.kl_target", "ppo.kl_horizon", "ppo.reward_clip", "ppo.log_every", "ppo.lora.r",
+    "ppo.lora.alpha", "ppo.ptx_batch_size", "eval.max_new_tokens", "eval.batch_size", "eval.calibration_bins",
     "eval.calibration_questions",
     "run.seed_jobs",
 )
@@ -568,6 +591,58 @@ def _validate_rewards(ppo: PPOConfig) -> list[str]:
     if sum(c.type == "model" for c in ppo.rewards) > 1:
         problems.append("ppo.rewards: at most one model component")
     return problems
+
+
+GROUP_ESTIMATORS = ("rloo", "grpo")
+
+
+def _validate_estimator(ppo: PPOConfig) -> list[str]:
+    """The advantage estimator against the settings it cannot honour."""
+    est = ppo.advantage_estimator
+    what = f"ppo.advantage_estimator={est}"
+    problems = []
+    if est in GROUP_ESTIMATORS and ppo.samples_per_prompt < 2:
+        # With one response per prompt the group baseline is the response itself: every
+        # advantage is 0 and training would run without moving the policy.
+        problems.append(f"ppo.samples_per_prompt={ppo.samples_per_prompt}: {what} compares the "
+                        "responses to one prompt and needs ppo.samples_per_prompt >= 2")
+    if ppo.kl_in == "loss" and ppo.kl_estimator == "k1":
+        problems.append("ppo.kl_estimator=k1 with ppo.kl_in=loss: the gradient of the k1 loss "
+                        "is zero in expectation (E[grad log pi] = 0), so it adds noise and no "
+                        "pull to the reference; use k2 (its gradient is KL's) or k3 (GRPO's)")
+    if est == "gae":
+        return problems
+    if ppo.lagrangian:
+        problems.append(f"ppo.lagrangian=true with {what}: the Lagrangian's cost advantages "
+                        "come from a cost critic, which only gae has")
+    if ppo.critic_warmup_updates:
+        problems.append(f"ppo.critic_warmup_updates={ppo.critic_warmup_updates} with {what}: "
+                        "there is no critic to warm up; expected 0")
+    if est in GROUP_ESTIMATORS and ppo.gamma != 1.0:
+        problems.append(f"ppo.gamma={ppo.gamma} with {what}: the group baseline scores whole "
+                        "responses, with nothing to discount; expected 1.0")
+    if est in GROUP_ESTIMATORS and ppo.whiten_rewards:
+        problems.append(f"ppo.whiten_rewards=true with {what}: the group baseline already "
+                        "centres each response's reward; expected false")
+    return problems
+
+
+def advisories(cfg: Config) -> list[str]:
+    """Settings that run but that the reference implementations advise against, one line
+    each (printed when the stage starts)."""
+    ppo = cfg.ppo
+    notes = []
+    if ppo.kl_in == "reward" and ppo.kl_estimator != "k1":
+        notes.append(f"ppo.kl_estimator={ppo.kl_estimator} with ppo.kl_in=reward: as a reward "
+                     "only k1 makes the policy gradient the gradient of the KL (OpenRLHF "
+                     "and the PPO references use k1 there; k2/k3 are meant for ppo.kl_in=loss)")
+    if (ppo.advantage_estimator == "grpo" and ppo.grpo_std_normalize and ppo.kl_in == "reward"
+            and ppo.kl_coef > 0):
+        notes.append("ppo.advantage_estimator=grpo with ppo.kl_in=reward: the KL penalty is "
+                     "divided by each group's reward std with the score, so its weight varies "
+                     "from prompt to prompt; GRPO (DeepSeekMath, veRL) puts it in the loss: "
+                     "ppo.kl_in=loss ppo.kl_estimator=k3")
+    return notes
 
 
 _JUDGE_KEYS = ("label.judge", "ppo.gold_judge", "eval.judge")
@@ -727,9 +802,15 @@ def validate(cfg: Config) -> list[str]:
     if 0 < cfg.ppo.top_p < 1:
         problems.append(f"ppo.top_p={cfg.ppo.top_p}: PPO scores log-probs on the full "
                         "distribution, so sampling must not truncate it; expected 1.0")
-    if cfg.ppo.batch_size % cfg.ppo.num_minibatches:
+    episodes = cfg.ppo.batch_size * cfg.ppo.samples_per_prompt
+    if cfg.ppo.samples_per_prompt == 1 and cfg.ppo.batch_size % cfg.ppo.num_minibatches:
         problems.append(f"ppo.num_minibatches={cfg.ppo.num_minibatches}: must divide "
                         f"ppo.batch_size={cfg.ppo.batch_size}")
+    elif episodes % cfg.ppo.num_minibatches:
+        problems.append(f"ppo.num_minibatches={cfg.ppo.num_minibatches}: must divide the "
+                        f"{episodes} responses of a rollout (ppo.batch_size={cfg.ppo.batch_size}"
+                        f" x ppo.samples_per_prompt={cfg.ppo.samples_per_prompt})")
+    problems += _validate_estimator(cfg.ppo)
     problems += _validate_rewards(cfg.ppo)
     problems += _validate_callables(cfg)
     if not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", ".."):

@@ -133,6 +133,21 @@ def read_manifest(stage_dir: str | Path) -> dict | None:
         raise PipelineError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
+def ppo_algorithm(manifest: dict) -> dict:
+    """How a PPO stage estimated its advantages, from its manifest, with a short label for
+    tables and plots. Manifests from before the estimator was a choice were gae with one
+    response per prompt and the KL in the reward."""
+    extras = manifest.get("extras", {})
+    estimator = extras.get("advantage_estimator", "gae")
+    k = extras.get("samples_per_prompt", 1)
+    kl_in = extras.get("kl_in", "reward")
+    dr_grpo = estimator == "grpo" and not extras.get("grpo_std_normalize", True)
+    name = "dr_grpo" if dr_grpo else estimator
+    label = name + (f", k={k}" if k > 1 else "") + (", KL in loss" if kl_in == "loss" else "")
+    return {"advantage_estimator": estimator, "samples_per_prompt": k, "kl_in": kl_in,
+            "critic": extras.get("critic", estimator == "gae"), "label": label}
+
+
 def open_parent(path: str | Path, expected_stage: str | tuple[str, ...], role: str) -> Parent:
     """Open a finished stage; refuse a missing, incomplete or wrong-type one with one line."""
     path = Path(path)

@@ -29,7 +29,14 @@ from pipeline.config import Config
 from pipeline.data import PromptExample, column_map, load_prompts
 from pipeline.models import load_policy, load_reward_model, position_ids, tokenizer_sha256
 from pipeline.progress import progress
-from pipeline.rundir import Parent, StageDir, atomic_write_json, check_same_tokenizer, open_parent
+from pipeline.rundir import (
+    Parent,
+    StageDir,
+    atomic_write_json,
+    check_same_tokenizer,
+    open_parent,
+    ppo_algorithm,
+)
 from pipeline.rundir import stage_dir as parent_dir
 from pipeline.runtime import make_accelerator
 from pipeline.text import decode, encode_prompt, eos_ids, generate, pad, pad_prompts
@@ -446,6 +453,7 @@ def run(cfg: Config) -> Path:
                      "temperature": c.temperature, "max_new_tokens": c.max_new_tokens,
                      "judge": c.judge, "bootstrap": c.bootstrap,
                      "reward_model": str(rm.path) if rm else None,
+                     "ppo_algorithm": ppo_algorithm(ppo.manifest) if ppo else None,
                      "policies": {}, "win_rates": {}}
     for name, rows in per_policy.items():
         results["policies"][name] = policy_row(rows, c, cfg.run.seed)

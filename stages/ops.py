@@ -15,6 +15,9 @@ References:
     Ouyang et al. 2022, "Training language models to follow instructions" (InstructGPT).
     Dai et al. 2023, "Safe RLHF: Safe Reinforcement Learning from Human Feedback".
     Schulman 2020, "Approximating KL Divergence" (k1/k2/k3 estimators).
+    Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization" (RLOO).
+    Shao et al. 2024, "DeepSeekMath" (GRPO); Liu et al. 2025, "Understanding R1-Zero-Like
+    Training" (Dr. GRPO); Hu 2025, "REINFORCE++".
     Guo et al. 2017, "On Calibration of Modern Neural Networks" (ECE).
 """
 
@@ -36,11 +39,14 @@ __all__ = [
     "Workspace",
     "bradley_terry_loss",
     "bradley_terry_pairs",
+    "critic_free_advantages",
     "entropy_from_logits",
     "expected_calibration_error",
     "first_true_index",
     "gae",
+    "grpo_advantages",
     "kl_estimate",
+    "kl_penalty_loss",
     "kl_shaped_rewards",
     "lagrangian_advantages",
     "last_index",
@@ -54,6 +60,8 @@ __all__ = [
     "policy_loss",
     "ppo_advantages",
     "response_mask_after_eos",
+    "reward_to_go",
+    "rloo_advantages",
     "value_loss",
 ]
 
@@ -463,6 +471,30 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k1") -> Tensor:
     raise ValueError(f"unknown KL estimator {kind!r}; expected 'k1', 'k2' or 'k3'")
 
 
+def _token_kl(logp: Tensor, ref_logp: Tensor, valid: Tensor, kind: str) -> Tensor:
+    kl = kl_estimate(logp, ref_logp, kind)
+    return torch.where(valid, kl, torch.zeros_like(kl))
+
+
+def kl_penalty_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, kind: str = "k3") -> Tensor:
+    """The KL to the reference as a loss term: the token mean of ``kl_estimate(kind)``.
+
+    Differentiated through ``logp`` on tokens sampled from the policy, k2 gives the gradient
+    of KL(pi || ref), ``(logp - ref_logp) * grad logp``; k3 gives ``(1 - ref / pi) * grad
+    logp``, whose expectation is the gradient of KL(ref || pi) (GRPO's choice, also a leash);
+    k1 gives ``grad logp``, zero in expectation, which is why the config refuses it here.
+
+    Args:
+        logp: ``(B, T)`` current policy log-probs (with grad).
+        ref_logp: ``(B, T)`` reference log-probs of the same tokens.
+        mask: ``(B, T)``.
+
+    Returns:
+        scalar.
+    """
+    return masked_mean(kl_estimate(logp, ref_logp, kind), mask)
+
+
 # ------------------------------------------------------------------------------ PPO
 
 
@@ -489,8 +521,7 @@ def kl_shaped_rewards(
         kl: ``(B, T)`` per-token KL estimate, 0 past the response.
     """
     valid = _as_bool(mask)
-    kl = kl_estimate(logp, ref_logp, kl_kind)
-    kl = torch.where(valid, kl, torch.zeros_like(kl))
+    kl = _token_kl(logp, ref_logp, valid, kl_kind)
     rewards = -beta * kl
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     end = last_index(valid)  # (B,)
@@ -546,6 +577,78 @@ def gae(
         next_adv = torch.where(m, adv_t, next_adv)
     returns = torch.where(valid, advantages + values, torch.zeros_like(values))
     return advantages, returns
+
+
+def reward_to_go(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """``G_t = sum_{t' >= t} gamma^(t' - t) r_t'`` over the valid positions of each row.
+
+    This is :func:`gae` with every value 0 and ``lambda = 1`` (``delta_t = r_t``), so padding
+    is skipped the same way.
+
+    Args:
+        rewards: ``(B, T)`` per-token rewards.
+        mask: ``(B, T)``.
+
+    Returns:
+        ``(B, T)``, 0 at invalid positions.
+    """
+    returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, lam=1.0)
+    return returns
+
+
+def _groups(rewards: Tensor, group_size: int, valid: Tensor | None):
+    """``(G, k)`` views of the rewards (float64) and of which responses count, the number
+    that count per group, and whether the group has any spread at all."""
+    if group_size < 1 or rewards.shape[0] % group_size:
+        raise ValueError(f"{rewards.shape[0]} rewards do not split into groups of {group_size}")
+    r = rewards.detach().to(torch.float64).reshape(-1, group_size)
+    v = (torch.ones_like(r, dtype=torch.bool) if valid is None
+         else _as_bool(valid).reshape(-1, group_size))
+    n = v.sum(dim=1, keepdim=True)                                         # (G, 1)
+    top = torch.where(v, r, -torch.inf).amax(dim=1, keepdim=True)
+    bottom = torch.where(v, r, torch.inf).amin(dim=1, keepdim=True)
+    # Equal rewards carry no signal: their advantages are exactly 0, not the rounding error of
+    # r - mean (which the std division would then blow up).
+    informative = v & (n >= 2) & (top > bottom)                            # (G, k)
+    return r, v, n, informative
+
+
+def rloo_advantages(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
+    """REINFORCE leave-one-out: each response's reward minus the mean of its group's others,
+    ``A_i = r_i - sum_{j != i} r_j / (n - 1)`` (= ``n / (n - 1) * (r_i - mean)``).
+
+    Args:
+        rewards: ``(B,)`` sequence rewards; rows ``g*k .. g*k + k - 1`` answer prompt ``g``.
+        group_size: ``k``, responses per prompt.
+        valid: ``(B,)`` bool, the responses that count; the others get 0 and are left out of
+            their group's baseline (``n`` is the number that count). None: all count.
+
+    Returns:
+        ``(B,)`` in ``rewards``' dtype; 0 in a group with fewer than two valid responses.
+    """
+    r, v, n, informative = _groups(rewards, group_size, valid)
+    total = torch.where(v, r, 0.0).sum(dim=1, keepdim=True)
+    others = (total - r) / (n - 1).clamp(min=1)
+    adv = torch.where(informative, r - others, 0.0)
+    return adv.reshape(-1).to(rewards.dtype)
+
+
+def grpo_advantages(rewards: Tensor, group_size: int, std_normalize: bool = True,
+                    valid: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+    """GRPO's group-relative advantage ``(r_i - mean) / (std + eps)``, or ``r_i - mean`` with
+    ``std_normalize=False`` (Dr. GRPO). The std is the unbiased one of the group's valid
+    rewards, as in DeepSeekMath's implementations (torch.std in OpenRLHF and veRL).
+
+    Args and returns as :func:`rloo_advantages`.
+    """
+    r, v, n, informative = _groups(rewards, group_size, valid)
+    mean = torch.where(v, r, 0.0).sum(dim=1, keepdim=True) / n.clamp(min=1)
+    centred = torch.where(v, r - mean, 0.0)
+    if std_normalize:
+        var = (centred * centred).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)
+        centred = centred / (var.sqrt() + eps)
+    adv = torch.where(informative, centred, 0.0)
+    return adv.reshape(-1).to(rewards.dtype)
 
 
 def policy_loss(
@@ -701,6 +804,68 @@ def ppo_advantages(
     if whiten_advantages:
         advantages = masked_whiten(advantages, mask, all_reduce=all_reduce)
     return Advantages(advantages, returns, cost_returns, kl, masked_sum(kl, mask, dim=1))
+
+
+def critic_free_advantages(
+    scores: Tensor,
+    logp: Tensor,
+    ref_logp: Tensor,
+    mask: Tensor,
+    *,
+    estimator: str,
+    group_size: int = 1,
+    beta: float,
+    kl_kind: str = "k1",
+    gamma: float = 1.0,
+    std_normalize: bool = True,
+    whiten_rewards: bool = False,
+    whiten_advantages: bool = True,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Advantages:
+    """Advantages without a critic, the counterpart of :func:`ppo_advantages`.
+
+    Args:
+        scores: ``(B,)`` sequence scores; with a group estimator rows ``g*k .. g*k + k - 1``
+            are the ``k = group_size`` responses to prompt ``g``.
+        logp, ref_logp: ``(B, T)`` policy and reference log-probs of the sampled tokens.
+        mask: ``(B, T)`` response mask; a row with no valid token gets no advantage and is
+            left out of its group's baseline.
+        estimator: ``"rloo"`` or ``"grpo"``: the response's reward ``score - beta * sum_t KL_t``
+            (the KL summed over its tokens, as in Ahmadian et al. and TRL's RLOO) against its
+            group (:func:`rloo_advantages`, :func:`grpo_advantages`), the same advantage on
+            every token. ``"reinforce_pp"``: REINFORCE++, the per-token reward of
+            :func:`kl_shaped_rewards`, its :func:`reward_to_go` with ``gamma``, whitened over
+            the batch (``whiten_advantages``; across processes with ``all_reduce``).
+        beta: KL coefficient in the reward; 0 when the KL is a loss term instead.
+        std_normalize: grpo divides by the group std.
+        whiten_rewards: reinforce_pp rescales the per-token rewards first (mean kept).
+
+    Group statistics stay within a process: each one samples its own prompts' k responses.
+    ``returns`` and ``cost_returns`` are zeros: there is no value function to fit.
+    """
+    valid = _as_bool(mask)
+    if estimator == "reinforce_pp":
+        rewards, kl = kl_shaped_rewards(scores, logp, ref_logp, mask, beta, kl_kind)
+        if whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce)
+        advantages = reward_to_go(rewards, mask, gamma)
+        if whiten_advantages:
+            advantages = masked_whiten(advantages, mask, all_reduce=all_reduce)
+    elif estimator in ("rloo", "grpo"):
+        kl = _token_kl(logp, ref_logp, valid, kl_kind)
+        reward = scores.to(kl.dtype) - beta * kl.sum(dim=1)          # (B,)
+        rows = valid.any(dim=1)
+        if estimator == "rloo":
+            per_response = rloo_advantages(reward, group_size, rows)
+        else:
+            per_response = grpo_advantages(reward, group_size, std_normalize, rows)
+        advantages = torch.where(valid, per_response[:, None].expand_as(kl),
+                                 torch.zeros_like(kl))
+    else:
+        raise ValueError(f"unknown critic-free estimator {estimator!r}; expected rloo, grpo "
+                         "or reinforce_pp")
+    zeros = torch.zeros_like(advantages)
+    return Advantages(advantages, zeros, zeros, kl, masked_sum(kl, mask, dim=1))
 
 
 # --------------------------------------------------------------------- reward model

@@ -1,21 +1,26 @@
 """Stage 3: PPO against the reward model, with a KL penalty to the SFT reference.
 
 The loop, once per update:
-  1. rollout   sample responses from the policy (temperature T, stop at EOS)
+  1. rollout   sample ppo.samples_per_prompt responses to each prompt from the policy
+               (temperature T, stop at EOS)
   2. score     reward model (normalized, clipped) + rule rewards + costs, missing-EOS penalty
-  3. evaluate  policy / reference log-probs at the same T, critic values
-  4. reward    per-token -beta * KL, score at the last token (PPO-Lagrangian: a cost stream
-               of +beta * KL with the cost at the last token, as in safe-rlhf)
-  5. GAE       advantages and returns (gamma, lambda); (A_r - lambda A_c) / (1 + lambda) with
-               a constraint; advantages whitened over the batch
-  6. update    PPO epochs over minibatches: clipped policy and value losses
+  3. evaluate  policy / reference log-probs at the same T, critic values (gae only)
+  4. reward    with ppo.kl_in=reward, per-token -beta * KL, score at the last token
+               (PPO-Lagrangian: a cost stream of +beta * KL with the cost at the last token,
+               as in safe-rlhf); with ppo.kl_in=loss, the score alone
+  5. advantage ppo.advantage_estimator: gae (advantages and returns with gamma, lambda;
+               (A_r - lambda A_c) / (1 + lambda) with a constraint; whitened over the batch),
+               or without a critic rloo / grpo (group baselines) or reinforce_pp
+  6. update    PPO epochs over minibatches: clipped policy loss (+ beta * KL with
+               ppo.kl_in=loss) and, with a critic, the clipped value loss
   7. log/save  metrics, samples, KL controller, Lagrange multiplier, checkpoints
 
 Models: policy and frozen reference from the SFT stage (with LoRA, one base: the reference is
-the policy with its adapter disabled), the reward model frozen, the critic a separate network
-initialized from the reward model (with LoRA, an adapter on the reward model's base, which
-with the adapter disabled *is* the reward model). Every forward runs under the prepared
-policy's autocast, so with bf16 the sampler, policy, reference and reward agree on precision.
+the policy with its adapter disabled), the reward model frozen, and for gae the critic, a
+separate network initialized from the reward model (with LoRA, an adapter on the reward
+model's base, which with the adapter disabled *is* the reward model). The critic-free
+estimators build, train and save no critic. Every forward runs under the prepared policy's
+autocast, so with bf16 the sampler, policy, reference and reward agree on precision.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -30,7 +36,7 @@ from pathlib import Path
 import torch
 
 from pipeline import sharding
-from pipeline.config import Config, PPOConfig
+from pipeline.config import Config, PPOConfig, advisories
 from pipeline.data import PromptExample, column_map, load_demonstrations, load_prompts
 from pipeline.errors import PipelineError
 from pipeline.models import (
@@ -82,12 +88,12 @@ class Rollout:
     mask: torch.Tensor             # (B, T) 1 up to and including the first EOS
     logprobs: torch.Tensor         # (B, T) policy log-probs at sampling time (temperature T)
     ref_logprobs: torch.Tensor     # (B, T) reference log-probs (same temperature)
-    values: torch.Tensor           # (B, T) critic's reward values
+    values: torch.Tensor           # (B, T) critic's reward values (zeros without a critic)
     cost_values: torch.Tensor      # (B, T) critic's cost values (zeros without a constraint)
     scores: torch.Tensor           # (B,) combined sequence score
     costs: torch.Tensor            # (B,) constrained cost (zeros without a constraint)
     advantages: torch.Tensor       # (B, T)
-    returns: torch.Tensor          # (B, T) reward value targets
+    returns: torch.Tensor          # (B, T) reward value targets (zeros without a critic)
     cost_returns: torch.Tensor     # (B, T) cost value targets
 
     def select(self, index: torch.Tensor) -> Rollout:
@@ -156,7 +162,7 @@ class FirstForward:
 
     logprobs: torch.Tensor | None  # (b, T) with graph; None while only the critic trains
     entropy: torch.Tensor | None   # (b, T) with graph when the entropy bonus is on
-    values: torch.Tensor           # (b, T, C) with graph
+    values: torch.Tensor | None    # (b, T, C) with graph; None without a critic
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,8 +235,13 @@ def _reward_parent(cfg: Config) -> Parent | None:
     return open_parent(stage_dir(cfg, "rm", cfg.ppo.reward_model), "rm", "ppo.reward_model")
 
 
+def uses_critic(c: PPOConfig) -> bool:
+    return c.advantage_estimator == "gae"
+
+
 def build_models(cfg: Config, sft: Parent, rm: Parent | None, accelerator):
-    """(PolicyModel, its reference or None, critic ScoreModel, reward fn on (ids, mask), tok)."""
+    """(PolicyModel, its reference or None, critic ScoreModel or None when the estimator has
+    no critic, reward fn on (ids, mask), tok)."""
     c = cfg.ppo
     policy, tok = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(sft.model_dir))
     cost_heads = 1 if c.lagrangian else 0
@@ -242,12 +253,13 @@ def build_models(cfg: Config, sft: Parent, rm: Parent | None, accelerator):
     else:
         reference = PolicyModel(copy.deepcopy(policy).requires_grad_(False).eval())
 
-    if rm is not None:
+    critic_base = None
+    if uses_critic(c) and rm is not None:
         critic_base = load_reward_model(rm.model_dir, cfg.model, tok)
-    else:
+    elif uses_critic(c):
         # Rule-only PPO: the critic starts from the SFT trunk with a fresh head.
         critic_base = load_reward_backbone(str(sft.model_dir), cfg.model, tok, seed=cfg.run.seed)
-    if c.lora.enabled:
+    if critic_base is not None and c.lora.enabled:
         lora = copy.copy(c.lora)
         lora.dropout = 0.0
         critic_base = apply_lora(critic_base, lora, task_type="SEQ_CLS",
@@ -255,10 +267,10 @@ def build_models(cfg: Config, sft: Parent, rm: Parent | None, accelerator):
         reward_net = None
     elif rm is not None:
         reward_net = ScoreModel(load_reward_model(rm.model_dir, cfg.model, tok))
-        reward_net.requires_grad_(False).eval()
+        reward_net.requires_grad_(False).eval().to(accelerator.device)
     else:
         reward_net = None
-    critic = ScoreModel(critic_base, extra_outputs=cost_heads)
+    critic = None if critic_base is None else ScoreModel(critic_base, extra_outputs=cost_heads)
 
     def reward_scores(ids, attention):
         if rm is None:
@@ -313,6 +325,10 @@ def run(cfg: Config) -> Path:
     check_budget("ppo", resume_from, c.num_updates, "ppo.num_updates")
     guard = Guard("ppo", stage.checkpoints, unit="update")
     world = accelerator.num_processes
+    k = c.samples_per_prompt
+    if accelerator.is_main_process:
+        for note in advisories(cfg):
+            print(f"warning: {note}", file=sys.stderr)
 
     # --- Setup ---------------------------------------------------------------------------------
     sft = open_parent(stage_dir(cfg, "sft", c.policy), "sft", "ppo.policy")
@@ -341,16 +357,19 @@ def run(cfg: Config) -> Path:
 
     optim_steps = c.num_updates * c.ppo_epochs * c.num_minibatches
     policy_opt = make_optimizer(policy, c.lr, c)
-    critic_opt = make_optimizer(critic, c.critic_lr, c)
     policy_sched = build_scheduler(policy_opt, c.lr_scheduler, optim_steps)
-    critic_sched = build_scheduler(critic_opt, c.lr_scheduler, optim_steps)
+    critic_opt = critic_sched = None
     sharding.broadcast_from_main(policy, accelerator)
-    sharding.broadcast_from_main(critic, accelerator)
+    if critic is not None:
+        critic_opt = make_optimizer(critic, c.critic_lr, c)
+        critic_sched = build_scheduler(critic_opt, c.lr_scheduler, optim_steps)
+        sharding.broadcast_from_main(critic, accelerator)
     # What samples and is saved: the policy itself, or under FSDP a whole copy of it.
     sampler = sharding.WholeCopy(policy, accelerator)
     # One model per prepare: FSDP2 shards one model (and its optimizer) per call.
     policy, policy_opt = accelerator.prepare(policy, policy_opt)
-    critic, critic_opt = accelerator.prepare(critic, critic_opt)
+    if critic is not None:
+        critic, critic_opt = accelerator.prepare(critic, critic_opt)
     if reference is not None:
         reference = reference.to(accelerator.device)
     kl_ctl = (ops.AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.adaptive_kl
@@ -359,9 +378,12 @@ def run(cfg: Config) -> Path:
     n_trainable, n_total = trainable_parameters(policy)
 
     update, cursor, ptx_cursor = 0, 0, 0
-    models = {"policy": policy, "critic": critic}
-    optimizers = {"policy": policy_opt, "critic": critic_opt,
-                  "policy_sched": policy_sched, "critic_sched": critic_sched}
+    # Without a critic, checkpoints hold the policy's weights and optimizer only.
+    models = {name: m for name, m in {"policy": policy, "critic": critic}.items()
+              if m is not None}
+    optimizers = {name: o for name, o in {"policy": policy_opt, "critic": critic_opt,
+                                          "policy_sched": policy_sched,
+                                          "critic_sched": critic_sched}.items() if o is not None}
     if resume_from is not None:
         state = load_checkpoint(resume_from, accelerator, models=models, optimizers=optimizers)
         update, cursor, ptx_cursor = state["step"], state["cursor"], state["ptx_cursor"]
@@ -370,7 +392,7 @@ def run(cfg: Config) -> Path:
     tracker = Tracker(cfg, "ppo", stage.path, accelerator.is_main_process,
                       resume_step=update if resume_from else None)
     unwrapped_policy = accelerator.unwrap_model(policy)
-    unwrapped_critic = accelerator.unwrap_model(critic)
+    unwrapped_critic = None if critic is None else accelerator.unwrap_model(critic)
     ref_model, ref_ctx = reference_context(unwrapped_policy, reference)
     history: list[dict] = []
     if resume_from is not None and accelerator.is_main_process:
@@ -390,6 +412,8 @@ def run(cfg: Config) -> Path:
         index = [(cursor + accelerator.process_index * c.batch_size + i) % len(prompts)
                  for i in range(c.batch_size)]
         cursor += c.batch_size * world
+        # Each prompt k times in a row: rows g*k .. g*k + k - 1 are prompt g's group.
+        index = [i for i in index for _ in range(k)]
         batch_prompts: list[PromptExample] = [prompts[i] for i in index]
         # Every forward of the update (sampler, policy, reference, critic, reward) runs under
         # the same autocast as the prepared policy: a bf16 policy against an fp32 reference or
@@ -397,7 +421,7 @@ def run(cfg: Config) -> Path:
         with accelerator.autocast(), sampler.whole(policy) as whole:
             responses = generate(whole.model, tok, [encoded[i] for i in index],
                                  max_new_tokens=c.response_length, temperature=c.temperature,
-                                 top_k=c.top_k, top_p=c.top_p, batch_size=c.batch_size)
+                                 top_k=c.top_k, top_p=c.top_p, batch_size=len(index))
         # Every response has >= 1 token, and one without EOS has the full length.
         query, query_mask, response, mask, has_eos, lengths = rollout_tensors(
             [encoded[i] for i in index], responses, tok.pad_token_id, stops)
@@ -427,7 +451,8 @@ def run(cfg: Config) -> Path:
         # here, with gradients, and the update starts from it instead of repeating it.
         train_policy = update >= c.critic_warmup_updates
         policy.train()  # as in the update (gradient checkpointing acts in training mode only)
-        critic.train()
+        if critic is not None:
+            critic.train()
         b = len(responses)
         orders = [o.to(accelerator.device)
                   for o in minibatch_orders(b, c.ppo_epochs, seed=cfg.run.seed + update)]
@@ -446,23 +471,35 @@ def run(cfg: Config) -> Path:
                     entropy="grad" if reuse and train_policy and c.entropy_coef else "detached")
             with torch.no_grad(), ref_ctx(), accelerator.autocast():
                 ref_logprobs[rows] = response_logprobs(ref_model, *args, c.temperature)[0]
-            with torch.set_grad_enabled(reuse), accelerator.autocast():
-                v = critic_values(critic if reuse else unwrapped_critic, *args)  # (b, T, C)
+            v = None
+            if critic is not None:
+                with torch.set_grad_enabled(reuse), accelerator.autocast():
+                    v = critic_values(critic if reuse else unwrapped_critic, *args)  # (b, T, C)
+                values[rows, :, : v.shape[-1]] = v.detach()
             logprobs[rows], entropy[rows] = logp.detach(), ent.detach()
-            values[rows, :, : v.shape[-1]] = v.detach()
             if reuse:
                 first = FirstForward(logp if train_policy else None,
                                      ent if train_policy and c.entropy_coef else None, v)
         values, cost_values = values[..., 0], values[..., 1]  # cost: zeros without a constraint
         t_score = time.time() - t1
 
-        # --- 4-5. KL-shaped rewards, GAE, whitening ----------------------------------------
+        # --- 4-5. KL-shaped rewards and advantages (ppo.advantage_estimator) ----------------
         beta = kl_ctl.value
-        adv = ops.ppo_advantages(
-            scores, logprobs, ref_logprobs, values, mask, beta=beta, kl_kind=c.kl_estimator,
-            gamma=c.gamma, lam=c.lam, whiten_rewards=c.whiten_rewards,
-            whiten_advantages=c.whiten_advantages, costs=costs if c.lagrangian else None,
-            cost_values=cost_values, multiplier=lagrange.value, all_reduce=all_reduce)
+        # With ppo.kl_in=loss the reward is the score alone; the update adds beta * KL.
+        reward_beta = beta if c.kl_in == "reward" else 0.0
+        if critic is not None:
+            adv = ops.ppo_advantages(
+                scores, logprobs, ref_logprobs, values, mask, beta=reward_beta,
+                kl_kind=c.kl_estimator, gamma=c.gamma, lam=c.lam,
+                whiten_rewards=c.whiten_rewards, whiten_advantages=c.whiten_advantages,
+                costs=costs if c.lagrangian else None, cost_values=cost_values,
+                multiplier=lagrange.value, all_reduce=all_reduce)
+        else:
+            adv = ops.critic_free_advantages(
+                scores, logprobs, ref_logprobs, mask, estimator=c.advantage_estimator,
+                group_size=k, beta=reward_beta, kl_kind=c.kl_estimator, gamma=c.gamma,
+                std_normalize=c.grpo_std_normalize, whiten_rewards=c.whiten_rewards,
+                whiten_advantages=c.whiten_advantages, all_reduce=all_reduce)
         # Before the update: a NaN here would reach the weights through the losses.
         guard.check_tensor(update + 1, "KL to the reference", adv.sequence_kl)
         guard.check_tensor(update + 1, "advantage", adv.advantages)
@@ -474,7 +511,7 @@ def run(cfg: Config) -> Path:
         t2 = time.time()
         stats = ppo_update(c, rollout, orders, first, policy, critic, policy_opt, critic_opt,
                            policy_sched, critic_sched, accelerator, train_policy, demos,
-                           ptx_cursor, tok.pad_token_id, guard, update + 1)
+                           ptx_cursor, tok.pad_token_id, guard, update + 1, kl_coef=beta)
         del first
         ptx_cursor += c.ptx_batch_size * c.ppo_epochs * c.num_minibatches if demos else 0
         t_train = time.time() - t2
@@ -482,7 +519,7 @@ def run(cfg: Config) -> Path:
         # --- 7. Controllers, logging, saving -------------------------------------------------
         kl_sum = adv.sequence_kl  # (B,)
         mean_kl = global_mean(kl_sum)
-        kl_ctl.update(mean_kl, c.batch_size * world)
+        kl_ctl.update(mean_kl, len(index) * world)
         mean_cost = global_mean(costs)
         if c.lagrangian:
             lagrange.update(mean_cost)
@@ -503,7 +540,7 @@ def run(cfg: Config) -> Path:
             "response/length": global_mean(lengths.float()),
             "response/no_eos_fraction": global_mean((~has_eos).float()),
             "lr/policy": policy_sched.get_last_lr()[0],
-            "lr/critic": critic_sched.get_last_lr()[0],
+            **({"lr/critic": critic_sched.get_last_lr()[0]} if critic is not None else {}),
             "time/generate": t_generate,
             "time/score": t_score,
             "time/train": t_train,
@@ -566,25 +603,38 @@ def run(cfg: Config) -> Path:
                         tokenizer_sha256=tok_sha,
                         extras={"kl_coef": kl_ctl.value, "lambda": lagrange.value,
                                 "lora": c.lora.enabled, "temperature": c.temperature,
-                                "norm": rm.extras if rm is not None else {}})
+                                "norm": rm.extras if rm is not None else {},
+                                **algorithm(c)})
+
+
+def algorithm(c: PPOConfig) -> dict:
+    """What the manifest records of the algorithm, for eval and report to label the run."""
+    return {"advantage_estimator": c.advantage_estimator,
+            "samples_per_prompt": c.samples_per_prompt, "kl_in": c.kl_in,
+            "kl_estimator": c.kl_estimator, "critic": uses_critic(c),
+            **({"grpo_std_normalize": c.grpo_std_normalize}
+               if c.advantage_estimator == "grpo" else {})}
 
 
 def ppo_update(c: PPOConfig, rollout: Rollout, orders: list[torch.Tensor],
                first: FirstForward | None, policy, critic, policy_opt, critic_opt,
                policy_sched, critic_sched, accelerator, train_policy: bool,
                demos: list, ptx_cursor: int, pad_id: int, guard: Guard | None = None,
-               update: int = 0) -> dict[str, float]:
+               update: int = 0, kl_coef: float = 0.0) -> dict[str, float]:
     """PPO epochs over the minibatches that ``orders`` defines (one permutation per epoch);
     ``first`` holds the forward of epoch 1's first minibatch. Returns the mean of each loss
     statistic. ``guard`` checks every loss and gradient norm before the optimizer applies it
-    (under fp16 an infinite norm is the loss scaler's overflow signal, so it is not checked)."""
+    (under fp16 an infinite norm is the loss scaler's overflow signal, so it is not checked).
+    ``critic`` (with its optimizer and scheduler) is None for the critic-free estimators;
+    ``kl_coef`` weighs the KL loss term when ``c.kl_in`` is "loss"."""
     check_grad = guard is not None and accelerator.scaler is None
     n = rollout.response.shape[0]
     size = n // c.num_minibatches
     totals: dict[str, float] = {}
     count = 0
     policy.train()
-    critic.train()
+    if critic is not None:
+        critic.train()
     for order in orders:
         for start in range(0, n, size):
             mb = rollout.select(order[start: start + size])
@@ -602,6 +652,11 @@ def ppo_update(c: PPOConfig, rollout: Rollout, orders: list[torch.Tensor],
                 pg_loss, pg_stats = ops.policy_loss(logp, mb.logprobs, mb.advantages, mb.mask,
                                                     c.clip_range)
                 loss = pg_loss
+                if c.kl_in == "loss":
+                    kl_loss = ops.kl_penalty_loss(logp, mb.ref_logprobs, mb.mask,
+                                                  c.kl_estimator)
+                    loss = loss + kl_coef * kl_loss
+                    stats["loss/kl"] = kl_loss.detach()
                 if c.entropy_coef:
                     loss = loss - c.entropy_coef * ops.masked_mean(entropy, mb.mask)
                 if demos:
@@ -621,26 +676,28 @@ def ppo_update(c: PPOConfig, rollout: Rollout, orders: list[torch.Tensor],
                 policy_opt.zero_grad()
                 stats.update({"loss/policy": pg_loss.detach(),
                               **{f"policy/{k}": v for k, v in pg_stats.items()}})
-            v = reuse.values if reuse is not None else critic_values(critic, *args)
-            vf_loss, vf_stats = ops.value_loss(v[..., 0], mb.values, mb.returns, mb.mask,
-                                               c.clip_range_value)
-            if c.lagrangian:
-                cost_loss, _ = ops.value_loss(v[..., 1], mb.cost_values, mb.cost_returns,
-                                              mb.mask, c.clip_range_value)
-                vf_loss = vf_loss + cost_loss
-            if guard is not None:
-                guard.check(update, **{"value loss": float(vf_loss.detach())})
-            accelerator.backward(c.vf_coef * vf_loss)
-            stats["val/grad_norm"] = accelerator.clip_grad_norm_(critic.parameters(),
-                                                                 c.max_grad_norm)
-            if check_grad:
-                guard.check(update, **{"value gradient norm": float(stats["val/grad_norm"])})
-            critic_opt.step()
-            critic_opt.zero_grad()
+            if critic is not None:
+                v = reuse.values if reuse is not None else critic_values(critic, *args)
+                vf_loss, vf_stats = ops.value_loss(v[..., 0], mb.values, mb.returns, mb.mask,
+                                                   c.clip_range_value)
+                if c.lagrangian:
+                    cost_loss, _ = ops.value_loss(v[..., 1], mb.cost_values, mb.cost_returns,
+                                                  mb.mask, c.clip_range_value)
+                    vf_loss = vf_loss + cost_loss
+                if guard is not None:
+                    guard.check(update, **{"value loss": float(vf_loss.detach())})
+                accelerator.backward(c.vf_coef * vf_loss)
+                stats["val/grad_norm"] = accelerator.clip_grad_norm_(critic.parameters(),
+                                                                     c.max_grad_norm)
+                if check_grad:
+                    guard.check(update, **{"value gradient norm":
+                                           float(stats["val/grad_norm"])})
+                critic_opt.step()
+                critic_opt.zero_grad()
+                critic_sched.step()
+                stats.update({"loss/value": vf_loss.detach(),
+                              **{f"val/{k}": v for k, v in vf_stats.items()}})
             policy_sched.step()
-            critic_sched.step()
-            stats.update({"loss/value": vf_loss.detach(),
-                          **{f"val/{k}": v for k, v in vf_stats.items()}})
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             count += 1

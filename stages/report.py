@@ -33,6 +33,7 @@ from pipeline.rundir import (  # noqa: E402
     STAGES,
     atomic_write_text,
     file_sha256,
+    ppo_algorithm,
     read_manifest,
 )
 from pipeline.training import STAGE_INPUTS  # noqa: E402
@@ -203,8 +204,12 @@ def when(created: str | None) -> str:
 
 
 def policy_label(name: str, results: dict) -> str:
+    """A policy's name in tables; the PPO policy's says how its advantages were estimated."""
     if name == "bon":
         return f"best-of-{results.get('best_of_n')}"
+    algo = results.get("ppo_algorithm")
+    if name == "ppo" and algo:
+        return f"PPO ({algo['label']})"
     return "base" if name == "base" else name.upper()
 
 
@@ -509,7 +514,14 @@ def ppo_section(run_dir: Path, manifest: dict | None) -> str:
     if manifest is None:
         return missing("No PPO stage in this run.")
     figures = curve_figures("ppo", read_metrics(run_dir / "ppo" / "metrics.jsonl"), "update")
-    return figures or missing("The PPO stage logged no curves.")
+    if not figures:
+        return missing("The PPO stage logged no curves.")
+    algo = ppo_algorithm(manifest)
+    k = algo["samples_per_prompt"]
+    note = (f'<p class="small">Advantage estimator: {esc(algo["label"])} ({k} response'
+            f'{"s" if k > 1 else ""} per prompt, KL in the {esc(algo["kl_in"])}, '
+            f'{"with a" if algo["critic"] else "no"} critic).</p>')
+    return note + figures
 
 
 def overoptimization_section(results: dict) -> str:
@@ -536,7 +548,8 @@ def overoptimization_section(results: dict) -> str:
         ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2,
                   fontsize=8, frameon=False)
 
-    rows = [[p.get("policy"), p["update"], p["kl"], p["gold"], p.get("rm")] for p in points]
+    rows = [[policy_label(p.get("policy"), results), p["update"], p["kl"], p["gold"], p.get("rm")]
+            for p in points]
     return (figure_img("overoptimization", draw, "Overoptimization: score vs KL to SFT")
             + table(["policy", "update", "KL to SFT", "gold", "RM"], rows))
 

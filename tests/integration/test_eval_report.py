@@ -69,6 +69,16 @@ def test_results_have_every_policy_and_field(chain):
     assert samples[0]["reference"] and "gold" in samples[0]["ppo"]
 
 
+def test_results_and_report_label_the_ppo_estimator(chain):
+    assert chain["results"]["ppo_algorithm"] == {
+        "advantage_estimator": "gae", "samples_per_prompt": 1, "kl_in": "reward",
+        "critic": True, "label": "gae"}
+    text = (chain["run"] / "report.html").read_text()
+    assert ("Advantage estimator: gae (1 response per prompt, KL in the reward, with a critic)"
+            in text)
+    assert "<td>PPO (gae)</td>" in text
+
+
 def test_overoptimization_has_sft_snapshot_and_final_points(chain):
     points = chain["results"]["overoptimization"]
     # SFT (kl 0), the snapshot after update 1 (snapshot_every=1, none at the last update), final.

@@ -121,3 +121,41 @@ def test_one_step_losses_are_the_clipped_objectives_by_hand(lagrangian):
     if lagrangian:
         expected = expected + clipped_value_loss(v[..., 1], data.cost_values, data.cost_returns)
     assert stats["loss/value"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_critic_free_update_adds_the_kl_loss_by_hand():
+    """Without a critic the update trains the policy alone; with ppo.kl_in=loss the loss is
+    the surrogate plus kl_coef times the token-mean KL estimate to the reference."""
+    c = PPOConfig(ppo_epochs=1, num_minibatches=1, advantage_estimator="rloo",
+                  samples_per_prompt=2, kl_in="loss", kl_estimator="k2")
+    policy, _ = models()
+    data = rollout()
+    args = (data.query, data.query_mask, data.response, data.mask)
+    with torch.no_grad():
+        logp = response_logprobs(policy, *args, c.temperature)[0]
+    data.logprobs = logp.clone()  # ratio 1: the surrogate is -mean(A)
+    start = copy.deepcopy(policy)
+    opt = make_optimizer(policy, 1e-2, c)
+    sched = build_scheduler(opt, c.lr_scheduler, 1)
+
+    class Recorder:  # the guard sees the loss that is differentiated
+        def __init__(self):
+            self.seen = {}
+
+        def check(self, update, **values):
+            self.seen.update(values)
+
+    guard = Recorder()
+    stats = ppo_update(c, data, minibatch_orders(4, 1, seed=0), None, policy, None, opt, None,
+                       sched, None, Accelerator(cpu=True), True, [], 0, pad_id=0, guard=guard,
+                       kl_coef=0.5)
+    valid = data.mask.bool()
+    kl = (0.5 * (logp - data.ref_logprobs) ** 2)[valid].mean().item()
+    surrogate = -data.advantages[valid].mean().item()
+    assert stats["loss/kl"] == pytest.approx(kl, rel=1e-5)
+    assert stats["loss/policy"] == pytest.approx(surrogate, rel=1e-5)
+    assert guard.seen["policy loss"] == pytest.approx(surrogate + 0.5 * kl, rel=1e-5)
+    assert "value loss" not in guard.seen
+    assert not any(k.startswith(("val/", "loss/value")) for k in stats)
+    moved = dict(start.named_parameters())
+    assert any(not torch.equal(x, moved[n]) for n, x in policy.named_parameters())

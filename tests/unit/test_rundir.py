@@ -20,6 +20,7 @@ from pipeline.rundir import (
     check_same_tokenizer,
     file_sha256,
     open_parent,
+    ppo_algorithm,
     read_manifest,
     stage_dir,
 )
@@ -249,3 +250,16 @@ def test_check_same_tokenizer(tmp_path):
     with pytest.raises(PipelineError, match="different tokenizer") as exc:
         check_same_tokenizer("b" * 64, parent, "reward model")
     assert str(parent.path) in str(exc.value) and "reward model" in str(exc.value)
+
+
+def test_ppo_algorithm_label_from_manifest():
+    # A PPO manifest from before the estimator was a choice: gae, one response per prompt.
+    assert ppo_algorithm({"extras": {"lora": True}}) == {
+        "advantage_estimator": "gae", "samples_per_prompt": 1, "kl_in": "reward",
+        "critic": True, "label": "gae"}
+    rloo = ppo_algorithm({"extras": {"advantage_estimator": "rloo", "samples_per_prompt": 4,
+                                     "kl_in": "reward", "critic": False}})
+    assert rloo["label"] == "rloo, k=4" and rloo["critic"] is False
+    dr = ppo_algorithm({"extras": {"advantage_estimator": "grpo", "samples_per_prompt": 2,
+                                   "kl_in": "loss", "grpo_std_normalize": False}})
+    assert dr["label"] == "dr_grpo, k=2, KL in loss"
