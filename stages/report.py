@@ -203,12 +203,13 @@ def when(created: str | None) -> str:
     return text[:16] + " UTC" if text.endswith("+00:00") else text
 
 
-def policy_label(name: str, results: dict) -> str:
-    """A policy's name in tables; the PPO policy's says how its advantages were estimated."""
+def policy_label(name: str, results: dict, short: bool = False) -> str:
+    """A policy's name in tables; the PPO policy's says how its advantages were estimated
+    unless ``short``."""
     if name == "bon":
         return f"best-of-{results.get('best_of_n')}"
     algo = results.get("ppo_algorithm")
-    if name == "ppo" and algo:
+    if name == "ppo" and algo and not short:
         return f"PPO ({algo['label']})"
     return "base" if name == "base" else name.upper()
 
@@ -659,7 +660,8 @@ def build(run_dir: Path) -> str:
     results_path = run_dir / "eval" / "results.json"
     results = (json.loads(results_path.read_text())
                if "eval" in manifests and results_path.is_file() else {})
-    compared = " vs ".join(policy_label(n, results) for n in results.get("policies") or {})
+    compared = " vs ".join(policy_label(n, results, short=True)
+                           for n in results.get("policies") or {})
     sections = [
         ("config", "Configuration and model", config_section(run_dir, manifests)),
         ("lineage", "Lineage", lineage(run_dir, manifests)),
