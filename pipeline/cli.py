@@ -16,23 +16,25 @@ import shlex
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.data import DataError
 from pipeline.errors import PipelineError
 from pipeline.rundir import STAGES, latest_checkpoint, read_manifest
 
 # stage command -> module in stages/
 STAGE_MODULES = {"sft": "stages.sft", "label": "stages.label", "rm": "stages.reward",
-                 "ppo": "stages.ppo", "eval": "stages.evaluate", "report": "stages.report"}
-PIPELINE_ORDER = ("sft", "label", "rm", "ppo", "eval", "report")
+                 "ppo": "stages.ppo", "dpo": "stages.dpo", "eval": "stages.evaluate",
+                 "report": "stages.report"}
 
 USAGE = f"""rlhf COMMAND [--config FILE.yaml] [key=value ...]
 
 commands:
   {' | '.join(STAGE_MODULES)}    run one stage
-  pipeline             run the stages in order: {' -> '.join(PIPELINE_ORDER)}
-  seeds                SFT once, then label -> rm -> ppo -> eval -> report per seed in
-                       run.seeds (run.seed_jobs at a time); one table of the outcomes
+  pipeline             run the stages of pipeline.stages in order (default:
+                       {' -> '.join(PipelineConfig().stages)}; add dpo to
+                       train DPO on the same rankings, as configs/compare.yaml does)
+  seeds                SFT once, then the rest of pipeline.stages per seed in run.seeds
+                       (run.seed_jobs at a time); one table of the outcomes
   status RUN_DIR       lineage, status and metrics of each stage of a run
 
 examples:
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         return 0
-    stages = PIPELINE_ORDER if args.command == "pipeline" else (args.command,)
+    stages = cfg.pipeline.stages if args.command == "pipeline" else (args.command,)
     main_process = os.environ.get("RANK", "0") == "0"
     current = None
     try:
