@@ -221,21 +221,37 @@ def ppo_section(run_dir: Path, manifest: dict | None) -> str:
 def overoptimization_section(results: dict) -> str:
     points = results.get("overoptimization") or []
     if not points:
-        return missing("No PPO policy was evaluated, so there is no overoptimization view.")
+        return missing("No PPO or DPO policy was evaluated, so there is no overoptimization "
+                       "view.")
+
+    # One curve per method (PPO, DPO), each starting from the shared SFT point; results
+    # written before DPO existed have PPO points only and no "method".
+    origin = [p for p in points if p.get("method", p.get("policy")) == "sft"]
+    methods = list(dict.fromkeys(p.get("method", "ppo") for p in points if p not in origin))
+    curves = {m: origin + [p for p in points if p not in origin and p.get("method", "ppo") == m]
+              for m in methods}
+    colors = {"ppo": ("tab:green", "tab:blue"), "dpo": ("tab:red", "tab:purple")}
 
     def draw(fig):
         ax = fig.add_subplot(1, 1, 1)
-        kl = [p["kl"] for p in points]
-        ax.plot(kl, [p["gold"] for p in points], "o-", color="tab:green", label="gold score")
+        with_rm = all(p.get("rm") is not None for p in points)
+        ax2 = ax.twinx() if with_rm else None
+        for m, curve in curves.items():
+            gold_color, rm_color = colors.get(m, (None, None))
+            kl = [p["kl"] for p in curve]
+            ax.plot(kl, [p["gold"] for p in curve], "o-", color=gold_color,
+                    label=f"gold score ({m.upper()})")
+            for p in curve[len(origin):]:
+                ax.annotate(f"{'update' if m == 'ppo' else 'step'} {p['update']}",
+                            (p["kl"], p["gold"]), fontsize=7, xytext=(4, 4),
+                            textcoords="offset points")
+            if ax2 is not None:
+                ax2.plot(kl, [p["rm"] for p in curve], "s--", color=rm_color,
+                         label=f"RM score ({m.upper()})")
         ax.set_xlabel("KL(policy || SFT), nats per response")
         ax.set_ylabel("gold score")
-        for p in points:
-            ax.annotate(f"update {p['update']}", (p["kl"], p["gold"]), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
         handles, labels = ax.get_legend_handles_labels()
-        if all(p.get("rm") is not None for p in points):
-            ax2 = ax.twinx()
-            ax2.plot(kl, [p["rm"] for p in points], "s--", color="tab:blue", label="RM score")
+        if ax2 is not None:
             ax2.set_ylabel("reward model score (normalized)")
             more = ax2.get_legend_handles_labels()
             handles, labels = handles + more[0], labels + more[1]
@@ -243,9 +259,10 @@ def overoptimization_section(results: dict) -> str:
         ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2,
                   fontsize=8, frameon=False)
 
-    rows = [[p.get("policy"), p["update"], p["kl"], p["gold"], p.get("rm")] for p in points]
+    rows = [[p.get("method", "ppo"), p.get("policy"), p["update"], p["kl"], p["gold"],
+             p.get("rm")] for p in points]
     return (figure_img("overoptimization", draw, "Overoptimization: score vs KL to SFT")
-            + table(["policy", "update", "KL to SFT", "gold", "RM"], rows))
+            + table(["method", "policy", "update / step", "KL to SFT", "gold", "RM"], rows))
 
 
 def calibration_section(results: dict) -> str:
@@ -301,7 +318,7 @@ def samples_section(run_dir: Path) -> str:
     if not path.is_file():
         return missing("No eval samples.")
     rows = [json.loads(line) for line in path.read_text().splitlines()[:NUM_SAMPLES] if line]
-    names = [n for n in ("sft", "ppo") if rows and n in rows[0]]
+    names = [n for n in ("sft", "ppo", "dpo") if rows and n in rows[0]]
 
     def cell(r, name):
         s = r[name]
