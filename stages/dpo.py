@@ -167,10 +167,12 @@ class StageCallback(TrainerCallback):
     """Metrics to the tracker, snapshots, and the bookkeeping that makes the Trainer's
     checkpoints resumable like the other stages' (config, step, ``latest``)."""
 
-    def __init__(self, cfg: Config, stage: StageDir, tracker: Tracker, tok, state: dict):
+    def __init__(self, cfg: Config, stage: StageDir, tracker: Tracker, guard: Guard, tok,
+                 state: dict):
         self.cfg = cfg
         self.stage = stage
         self.tracker = tracker
+        self.guard = guard
         self.tok = tok
         self.state = state
         self.bar = None
@@ -183,8 +185,13 @@ class StageCallback(TrainerCallback):
         self.bar.close()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs:
-            self.tracker.log(as_logged(logs), step=state.global_step)
+        if not logs:
+            return
+        self.tracker.log(as_logged(logs), step=state.global_step)
+        # A periodic held-out evaluation (dpo.eval_every) comes only through here; it runs
+        # before the checkpoint of the same step is saved.
+        self.guard.check(state.global_step, **{f"held-out {k}": v
+                                               for k, v in held_out(logs).items()})
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         c = self.cfg.dpo
@@ -333,7 +340,7 @@ def run(cfg: Config) -> Path:
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tok,
         peft_config=peft_config,
-        callbacks=[StageCallback(cfg, stage, tracker, tok, bookkeeping)],
+        callbacks=[StageCallback(cfg, stage, tracker, guard, tok, bookkeeping)],
         guard=guard,
         check_grad=c.mixed_precision != "fp16" or cpu,
     )

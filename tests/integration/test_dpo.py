@@ -125,7 +125,8 @@ def test_lora_all_pairs_from_the_label_stage(sft_dir: Path):
                               base["model.layers.0.self_attn.q_proj.weight"])
 
 
-def test_bad_inputs_are_one_line_and_leave_nothing_complete(sft_dir: Path, tmp_path, capsys):
+def test_bad_inputs_are_one_line_and_leave_nothing_complete(sft_dir: Path, toy_data: Path,
+                                                            tmp_path, capsys):
     root = tmp_path / "runs"
     bad = write_jsonl(tmp_path / "bad.jsonl", toy_rows(3))
     with open(bad, "a") as f:
@@ -149,6 +150,14 @@ def test_bad_inputs_are_one_line_and_leave_nothing_complete(sft_dir: Path, tmp_p
     assert code == 1
     error_line(err, rf"{tied}:1: .*no preference")
     assert incomplete(root / "bad" / "dpo")
+
+    code, _, err = cli(capsys, "dpo", *args(root, "nan", f"dpo.sft={sft_dir}",
+                                            f"dpo.data={toy_data}", "dpo.lr=1e8",
+                                            "dpo.max_steps=6", "dpo.num_samples=0"))
+    assert code == 1
+    error_line(err, r"dpo: stopped at step [2-6]: (train loss|gradient norm) is nan, .*"
+                    "no checkpoint was saved before it")
+    assert incomplete(root / "nan" / "dpo")
 
     code, _, err = cli(capsys, "dpo", *args(root, "bad", "dpo.pairs=some",
                                             "dpo.max_seq_len=16"))
