@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from pipeline.config import load_config
 from pipeline.rundir import MANIFEST, atomic_write_json, read_manifest
-from stages import dpo, evaluate, report, sft
+from stages import dpo, evaluate, ppo, report, sft
 from tests.conftest import tiny_override_list
 from tests.faults.helpers import cli, error_line, incomplete, kill_after_checkpoint, same_weights
 from tests.integration.test_reward import toy_rows, write_jsonl
@@ -107,7 +107,7 @@ def test_lora_all_pairs_from_the_label_stage(sft_dir: Path):
     cfg = load_config(None, args(root, "lora", f"dpo.sft={sft_dir}", "dpo.pairs=all",
                                  "dpo.eval_size=4", "dpo.max_steps=3", "dpo.lr=1e-2",
                                  "dpo.lora.enabled=true", "dpo.lora.r=4", "dpo.lora.alpha=8",
-                                 "dpo.num_samples=0"))
+                                 "dpo.num_samples=0", "dpo.snapshot_every=2"))
     path = dpo.run(cfg)
     torch.set_num_threads(1)
     manifest = read_manifest(path)
@@ -123,6 +123,11 @@ def test_lora_all_pairs_from_the_label_stage(sft_dir: Path):
     assert torch.equal(trained["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     assert not torch.allclose(trained["model.layers.0.self_attn.q_proj.weight"],
                               base["model.layers.0.self_attn.q_proj.weight"])
+    # The snapshot is a merged plain model too, between the SFT and the final weights.
+    snapshot = load_file(str(path / "snapshots" / "step-000002" / "model.safetensors"))
+    assert snapshot.keys() == base.keys()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(snapshot[q], base[q]) and not torch.equal(snapshot[q], trained[q])
 
 
 def test_bad_inputs_are_one_line_and_leave_nothing_complete(sft_dir: Path, toy_data: Path,
@@ -165,20 +170,30 @@ def test_bad_inputs_are_one_line_and_leave_nothing_complete(sft_dir: Path, toy_d
     assert "dpo.pairs='some'" in err and "dpo.max_seq_len=16" in err
 
 
-def test_eval_and_report_take_the_dpo_policy(sft_dir: Path, toy_dpo: Path):
+def test_eval_and_report_take_the_dpo_policy_beside_ppo(sft_dir: Path, toy_dpo: Path):
+    """The same run holds a (rule-only, 2-update) PPO stage from the same SFT policy: eval
+    measures both, pairs them, and draws one overoptimization curve for each."""
     cfg = load_config(None, args(sft_dir.parents[1], "toy", f"eval.sft={sft_dir}",
-                                 "eval.best_of_n=0"))
+                                 "eval.best_of_n=0", f"ppo.policy={sft_dir}", "ppo.gold_judge=",
+                                 "ppo.num_updates=2", "ppo.batch_size=4", "ppo.ppo_epochs=1",
+                                 "ppo.response_length=8", "ppo.num_prompts=8",
+                                 "ppo.snapshot_every=1",
+                                 "ppo.rewards=[{type: rule, name: no_headword}]"))
+    ppo.run(cfg)
+    torch.set_num_threads(1)
     results = json.loads((evaluate.run(cfg) / "results.json").read_text())
     torch.set_num_threads(1)
-    assert set(results["policies"]) == {"base", "sft", "dpo"}
+    assert set(results["policies"]) == {"base", "sft", "ppo", "dpo"}
     row = results["policies"]["dpo"]
     assert row["kl"]["reference"] == "sft" and row["gold"]["n"] == 6
     assert {"length_mean", "no_eos_frac", "headword_violation_frac", "length_violation_frac",
             "cost_mean"} <= set(row)
-    assert set(results["win_rates"]) == {"sft_vs_base", "dpo_vs_sft"}
+    assert set(results["win_rates"]) == {"ppo_vs_sft", "sft_vs_base", "ppo_vs_base",
+                                         "dpo_vs_sft", "dpo_vs_ppo"}
     points = results["overoptimization"]
     assert [(p["method"], p["policy"], p["update"]) for p in points] == [
-        ("sft", "sft", 0), ("dpo", "snapshot", 8), ("dpo", "dpo", 16)]
+        ("sft", "sft", 0), ("ppo", "snapshot", 1), ("ppo", "ppo", 2), ("dpo", "snapshot", 8),
+        ("dpo", "dpo", 16)]
     assert points[-1]["kl"] == pytest.approx(row["kl"]["mean"])
     eval_manifest = read_manifest(sft_dir.parents[1] / "toy" / "eval")
     assert eval_manifest["parents"]["dpo"]["path"] == str(toy_dpo)
@@ -189,7 +204,7 @@ def test_eval_and_report_take_the_dpo_policy(sft_dir: Path, toy_dpo: Path):
     assert "gold" in samples["dpo"]
 
     page = (report.run(cfg) / report.REPORT).read_text()
-    assert "<td>dpo</td>" in page
+    assert "<td>dpo</td>" in page and "<td>ppo</td>" in page
     assert 'data-plot="overoptimization"' in page
 
 
