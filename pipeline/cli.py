@@ -19,15 +19,15 @@ import textwrap
 from pathlib import Path
 
 from pipeline import keydoc, shipped
-from pipeline.config import ConfigError, load_config, to_yaml
+from pipeline.config import ConfigError, PipelineConfig, load_config, to_yaml
 from pipeline.data import DataError
 from pipeline.errors import PipelineError
 from pipeline.rundir import STAGES, latest_checkpoint, read_manifest
 
 # stage command -> module in stages/
 STAGE_MODULES = {"sft": "stages.sft", "label": "stages.label", "rm": "stages.reward",
-                 "ppo": "stages.ppo", "eval": "stages.evaluate", "report": "stages.report"}
-PIPELINE_ORDER = ("sft", "label", "rm", "ppo", "eval", "report")
+                 "ppo": "stages.ppo", "dpo": "stages.dpo", "eval": "stages.evaluate",
+                 "report": "stages.report"}
 RUN_COMMANDS = (*STAGE_MODULES, "pipeline", "seeds")
 COMMANDS = (*RUN_COMMANDS, "status", "config", "configs")
 
@@ -35,8 +35,10 @@ USAGE = f"""usage: rlhf COMMAND [--config FILE|NAME] [key=value ...]
 
 commands:
   {' | '.join(STAGE_MODULES)}    run one stage
-  pipeline             run the stages in order: {' -> '.join(PIPELINE_ORDER)}
-  seeds                SFT once, then label -> rm -> ppo -> eval -> report per seed in
+  pipeline             run the stages of pipeline.stages in order (default:
+                       {' -> '.join(PipelineConfig().stages)}; add dpo to
+                       train DPO on the same rankings, as configs/compare.yaml does)
+  seeds                SFT once, then the other stages of pipeline.stages per seed in
                        run.seeds (run.seed_jobs at a time); one table of the outcomes
   status RUN_DIR       lineage, status and metrics of each stage of a run
   config show          print the resolved config (defaults <- --config <- key=value) as YAML
@@ -55,8 +57,10 @@ examples:
 """
 
 _RUN_SUMMARY = {
-    "pipeline": f"Run the stages in order: {' -> '.join(PIPELINE_ORDER)}.",
-    "seeds": "SFT once, then label -> rm -> ppo -> eval -> report for each seed in run.seeds.",
+    "pipeline": ("Run the stages of pipeline.stages in order (default: "
+                 f"{' -> '.join(PipelineConfig().stages)}; add dpo to train DPO on the same "
+                 "rankings)."),
+    "seeds": "SFT once, then the other stages of pipeline.stages for each seed in run.seeds.",
     "report": "One self-contained HTML page of a run's plots and tables: <run>/report.html.",
 }
 _USAGE = {
@@ -272,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         return 0
-    stages = PIPELINE_ORDER if command == "pipeline" else (command,)
+    stages = cfg.pipeline.stages if command == "pipeline" else (command,)
     main_process = os.environ.get("RANK", "0") == "0"
     current = None
     try:

@@ -111,12 +111,13 @@ class DataConfig:
     ppo: str = "data/wordnet/ppo.jsonl"
     # Held-out prompts for evaluation (each needs a reference).
     eval: str = "data/wordnet/eval.jsonl"
-    # Human rankings the reward stage trains on instead of the label stage's output:
+    # Human rankings the reward and DPO stages train on instead of the label stage's output:
     # "chosen"+"rejected" (explicit or implicit prompt) or "responses"+"ranks" rows.
     ranked: str | None = None
     # Column renames, your column -> the name the pipeline reads (as Dataset.rename_columns):
     # {question: prompt} renames it in every file that has it; {ppo: {question: prompt}} in
-    # data.ppo only, where the column must exist. Split keys: sft, label, ppo, eval, ranked.
+    # data.ppo only, where the column must exist. Split keys: sft, label, ppo, eval, ranked
+    # (data.ranked, rm.data and dpo.data).
     columns: dict = field(default_factory=dict)
     # Prompts longer than this (in tokens, after the chat template) are truncated from the left.
     max_prompt_tokens: int = 64
@@ -409,13 +410,80 @@ class PPOConfig:
 
 
 @dataclass
-class EvalConfig:
-    """Evaluation of base, SFT and PPO policies on the held-out split."""
+class DpoStageConfig:
+    """DPO with TRL's DPOTrainer on the ranked responses: no reward model, no PPO.
 
-    # Stage folders; "" = the same run's.
+    The SFT policy is trained against itself as the frozen reference, on the same preferences
+    the reward model learns."""
+
+    # SFT stage folder (policy and reference; tokenizer check); "" = <run>/sft.
+    sft: str = ""
+    # Ranked JSONL; "" = data.ranked if set, else <run>/label/data.jsonl.
+    data: str = ""
+    # Pairs a prompt's ranking yields: "best_worst" (its best response against its worst, one
+    # pair per prompt) or "all" (every strictly ordered pair, C(K,2) for K distinct ranks).
+    pairs: str = "best_worst"
+    # KL strength: the implicit reward is beta * log(pi / pi_ref); higher stays closer to SFT.
+    beta: float = 0.1
+    # TRL loss: "sigmoid" (DPO), "ipo", "hinge" (SLiC) or "robust" (noisy labels; with
+    # label_smoothing as the flip rate).
+    loss_type: str = "sigmoid"
+    # Assumed probability that a preference label is flipped ("robust"; 0 elsewhere = plain).
+    label_smoothing: float = 0.0
+    # LoRA mode: the policy is an adapter on the SFT model and the reference is the same model
+    # with the adapter off (one copy of the weights).
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # Passes over the training pairs (when max_steps <= 0).
+    epochs: int = 1
+    # Optimizer steps; > 0 overrides epochs.
+    max_steps: int = -1
+    # Preference pairs per process per micro-batch (each pair is two sequences).
+    batch_size: int = 8
+    # Micro-batches accumulated per optimizer step.
+    grad_accum_steps: int = 1
+    # Peak AdamW learning rate (reached after warm-up).
+    lr: float = 5e-6
+    # AdamW weight decay (not applied to biases and norms).
+    weight_decay: float = 0.0
+    # Fraction of the optimizer steps over which the learning rate rises from 0.
+    warmup_ratio: float = 0.05
+    # "linear", "cosine" or "constant" (after warm-up).
+    lr_scheduler: str = "linear"
+    # The gradient is clipped to this global norm.
+    max_grad_norm: float = 1.0
+    # Prompt + response tokens per sequence (must exceed data.max_prompt_tokens).
+    max_seq_len: int = 128
+    # Prompts held out for the preference accuracy and margins before and after training.
+    eval_size: int = 100
+    # Evaluate on the held-out pairs every N optimizer steps (0 = only before and after).
+    eval_every: int = 0
+    # Prompts of data.eval generated for samples.jsonl after training (greedy).
+    num_samples: int = 4
+    # Longest response of those samples, in tokens.
+    max_new_tokens: int = 48
+    # Save a resumable checkpoint every N optimizer steps (0 = never).
+    save_every: int = 0
+    # Also save the policy's model/ every N steps for the overoptimization view (0 = never).
+    snapshot_every: int = 0
+    # Log TRL's training metrics (loss, reward accuracy and margin, log-probs) every N
+    # optimizer steps; also the interval of the progress line.
+    log_every: int = 10
+    # Mixed precision for GPUs: "no", "bf16" or "fp16". CPU runs use "no".
+    mixed_precision: str = "no"
+    # Recompute activations in the backward pass: less memory, more compute.
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of the base, SFT, PPO and DPO policies on the held-out split."""
+
+    # SFT stage folder; "" = the same run's (as for every stage folder here).
     sft: str = ""
     # PPO stage folder; without one (none in the run) PPO is not evaluated.
     ppo: str = ""
+    # DPO stage folder; without one (none in the run) DPO is not evaluated.
+    dpo: str = ""
     # Reward-model stage folder; without one there are no RM scores or best-of-N.
     reward_model: str = ""
     # Prompts of data.eval used (None = all).
@@ -498,6 +566,21 @@ class TrackingConfig:
     library_logs: bool = False
 
 
+# Every stage `rlhf pipeline` can run, in the only order their inputs allow.
+PIPELINE_STAGES = ("sft", "label", "rm", "ppo", "dpo", "eval", "report")
+
+
+@dataclass
+class PipelineConfig:
+    """What `rlhf pipeline` runs (and `rlhf seeds` after the shared SFT stage)."""
+
+    # Stages in order, a subsequence of sft, label, rm, ppo, dpo, eval, report. dpo is off
+    # unless listed (configs/compare.yaml lists it next to ppo); leaving out rm and ppo gives
+    # a DPO-only run.
+    stages: list[str] = field(
+        default_factory=lambda: ["sft", "label", "rm", "ppo", "eval", "report"])
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -506,9 +589,11 @@ class Config:
     label: LabelConfig = field(default_factory=LabelConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DpoStageConfig = field(default_factory=DpoStageConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -531,6 +616,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "ppo.kl_in": ("reward", "loss"),
     "ppo.advantage_estimator": ("gae", "rloo", "grpo", "reinforce_pp"),
     "ppo.mixed_precision": ("no", "bf16", "fp16"),
+    "dpo.pairs": ("best_worst", "all"),
+    "dpo.loss_type": ("sigmoid", "ipo", "hinge", "robust"),
+    "dpo.lr_scheduler": ("linear", "cosine", "constant"),
+    "dpo.mixed_precision": ("no", "bf16", "fp16"),
     "run.device": ("auto", "cpu"),
     "tracking.wandb_mode": ("offline", "online", "disabled"),
 }
@@ -547,7 +636,10 @@ _POSITIVE = (
     "ppo.num_updates", "ppo.batch_size", "ppo.samples_per_prompt", "ppo.num_minibatches",
     "ppo.ppo_epochs", "ppo.response_length", "ppo.lr", "ppo.critic_lr", "ppo.adam_eps",
     "ppo.kl_target", "ppo.kl_horizon", "ppo.reward_clip", "ppo.log_every", "ppo.lora.r",
-    "ppo.lora.alpha", "ppo.ptx_batch_size", "eval.max_new_tokens", "eval.batch_size", "eval.calibration_bins",
+    "ppo.lora.alpha", "ppo.ptx_batch_size", "dpo.beta", "dpo.epochs", "dpo.batch_size",
+    "dpo.grad_accum_steps", "dpo.lr", "dpo.max_seq_len", "dpo.max_new_tokens", "dpo.log_every",
+    "dpo.lora.r", "dpo.lora.alpha", "eval.max_new_tokens", "eval.batch_size",
+    "eval.calibration_bins",
     "eval.calibration_questions",
     "run.seed_jobs",
 )
@@ -561,7 +653,8 @@ _NON_NEGATIVE = (
     "ppo.max_grad_norm", "ppo.critic_warmup_updates", "ppo.ptx_coef", "ppo.lambda_init",
     "ppo.lambda_lr", "ppo.lambda_max", "ppo.forward_batch_size", "ppo.sample_every",
     "ppo.save_every", "ppo.snapshot_every", "ppo.top_k", "eval.temperature", "eval.bootstrap",
-    "eval.best_of_n",
+    "eval.best_of_n", "dpo.weight_decay", "dpo.max_grad_norm", "dpo.eval_size", "dpo.eval_every",
+    "dpo.num_samples", "dpo.save_every", "dpo.snapshot_every", "dpo.lora.dropout",
 )
 
 
@@ -643,6 +736,36 @@ def advisories(cfg: Config) -> list[str]:
                      "from prompt to prompt; GRPO (DeepSeekMath, veRL) puts it in the loss: "
                      "ppo.kl_in=loss ppo.kl_estimator=k3")
     return notes
+
+
+def _validate_dpo(cfg: Config) -> list[str]:
+    c = cfg.dpo
+    problems = []
+    if c.max_seq_len <= cfg.data.max_prompt_tokens:
+        problems.append(f"dpo.max_seq_len={c.max_seq_len}: expected > data.max_prompt_tokens="
+                        f"{cfg.data.max_prompt_tokens}, so a full-length prompt keeps response "
+                        "tokens to compare")
+    if not 0 <= c.label_smoothing < 0.5:
+        problems.append(f"dpo.label_smoothing={c.label_smoothing}: expected in [0, 0.5) "
+                        "(a flip rate of 0.5 or more is no preference)")
+    elif c.label_smoothing > 0 and c.loss_type != "robust":
+        problems.append(f"dpo.label_smoothing={c.label_smoothing}: only dpo.loss_type=robust "
+                        f"reads it (dpo.loss_type={c.loss_type!r})")
+    return problems
+
+
+def _validate_pipeline(p: PipelineConfig) -> list[str]:
+    unknown = [s for s in p.stages if s not in PIPELINE_STAGES]
+    if unknown:
+        return [f"pipeline.stages: unknown stage {unknown[0]!r}; expected some of "
+                f"{', '.join(PIPELINE_STAGES)}"]
+    if not p.stages:
+        return ["pipeline.stages=[]: expected at least one stage"]
+    order = [PIPELINE_STAGES.index(s) for s in p.stages]
+    if order != sorted(set(order)):
+        return [f"pipeline.stages={p.stages}: expected each stage once, in the order "
+                f"{', '.join(PIPELINE_STAGES)} (a stage runs after the ones it reads)"]
+    return []
 
 
 _JUDGE_KEYS = ("label.judge", "ppo.gold_judge", "eval.judge")
@@ -780,7 +903,7 @@ def validate(cfg: Config) -> list[str]:
         problems.append("run.seeds=[]: expected at least one seed")
     elif len(set(cfg.run.seeds)) != len(cfg.run.seeds):
         problems.append(f"run.seeds={cfg.run.seeds}: expected distinct seeds")
-    for key in ("sft.warmup_ratio", "rm.warmup_ratio"):
+    for key in ("sft.warmup_ratio", "rm.warmup_ratio", "dpo.warmup_ratio"):
         if not 0 <= _get(cfg, key) < 1:
             problems.append(f"{key}={_get(cfg, key)}: expected in [0, 1)")
     for key in ("label.annotators.flip_prob", "ppo.lam", "ppo.gamma"):
@@ -812,6 +935,8 @@ def validate(cfg: Config) -> list[str]:
                         f" x ppo.samples_per_prompt={cfg.ppo.samples_per_prompt})")
     problems += _validate_estimator(cfg.ppo)
     problems += _validate_rewards(cfg.ppo)
+    problems += _validate_dpo(cfg)
+    problems += _validate_pipeline(cfg.pipeline)
     problems += _validate_callables(cfg)
     if not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", ".."):
         problems.append(f"run.name={cfg.run.name!r}: expected a plain folder name")

@@ -85,7 +85,8 @@ class Demonstration:
 
 
 ROLES = ("system", "user", "assistant")
-# The data.* keys a per-split column mapping may name; "ranked" is rm.data / data.ranked.
+# The data.* keys a per-split column mapping may name; "ranked" is data.ranked, rm.data and
+# dpo.data.
 SPLITS = ("sft", "label", "ppo", "eval", "ranked")
 
 _MISSING = object()

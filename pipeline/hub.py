@@ -38,11 +38,17 @@ STAGE_SUMMARY = {
            "with a K-way Bradley-Terry loss."),
     "ppo": ("A policy trained with PPO against a reward model, with a per-token KL penalty to "
             "the SFT policy it started from."),
+    "dpo": ("A policy trained with DPO (TRL's DPOTrainer) directly on ranked responses, with "
+            "the SFT policy it started from as the frozen reference; no reward model."),
 }
-# What each stage trains on, as (description, config key) pairs.
+RANKED = "ranked responses"
+# What each stage trains on, as (description, config key) pairs. An empty ranked key falls
+# back to data.ranked, then to the label stage's output, as the stage itself resolves it.
 STAGE_DATA = {
     "sft": (("demonstrations", "data.sft"),),
+    "rm": ((RANKED, "rm.data"),),
     "ppo": (("prompts", "data.ppo"),),
+    "dpo": ((RANKED, "dpo.data"),),
 }
 
 
@@ -234,16 +240,18 @@ def _fmt(value) -> str:
 
 def _data_rows(stage: str, cfg: Config,
                ancestors: list[tuple[str, Path, str, dict | None]]) -> list[tuple[str, str]]:
-    if stage == "rm":
-        label = next((path for role, path, _, _ in ancestors if role == "label"), None)
-        source = cfg.rm.data or cfg.data.ranked or (str(label / "data.jsonl") if label else "")
-        return [("ranked responses", source)] if source else []
     rows = []
     for what, key in STAGE_DATA.get(stage, ()):
         node = cfg
         for part in key.split("."):
             node = getattr(node, part)
-        rows.append((what, f"{node} (`{key}`)"))
+        if what != RANKED:
+            rows.append((what, f"{node} (`{key}`)"))
+            continue
+        label = next((path for role, path, _, _ in ancestors if role == "label"), None)
+        source = node or cfg.data.ranked or (str(label / "data.jsonl") if label else "")
+        if source:
+            rows.append((what, source))
     return rows
 
 

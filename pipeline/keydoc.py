@@ -22,7 +22,7 @@ from pipeline.config import Config, _type_name
 
 # The sections each command reads besides the shared model, data, tracking and run.
 STAGE_SECTIONS = {"sft": ("sft",), "label": ("label",), "rm": ("rm",), "ppo": ("ppo",),
-                  "eval": ("eval",)}
+                  "dpo": ("dpo",), "eval": ("eval",)}
 SHARED_SECTIONS = ("model", "data", "tracking", "run")
 
 

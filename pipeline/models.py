@@ -333,14 +333,13 @@ def load_reward_model(path: str | Path, cfg: ModelConfig,
     return _finish(model, tok)
 
 
-def apply_lora(model: PreTrainedModel, lora: LoraConfig, task_type: str = "CAUSAL_LM",
-               modules_to_save: list[str] | None = None):
-    """Wrap ``model`` in a fresh peft LoRA adapter (dropout forced to 0 in RL stages by caller)."""
+def peft_lora_config(lora: LoraConfig, task_type: str = "CAUSAL_LM",
+                     modules_to_save: list[str] | None = None):
+    """The peft ``LoraConfig`` of a config section's ``lora`` settings."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
 
     targets = lora.target_modules
-    peft_cfg = PeftLoraConfig(
+    return PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -348,7 +347,14 @@ def apply_lora(model: PreTrainedModel, lora: LoraConfig, task_type: str = "CAUSA
         task_type=task_type,
         modules_to_save=modules_to_save,
     )
-    return get_peft_model(model, peft_cfg)
+
+
+def apply_lora(model: PreTrainedModel, lora: LoraConfig, task_type: str = "CAUSAL_LM",
+               modules_to_save: list[str] | None = None):
+    """Wrap ``model`` in a fresh peft LoRA adapter (dropout forced to 0 in RL stages by caller)."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_lora_config(lora, task_type, modules_to_save))
 
 
 def hf_model(model: torch.nn.Module) -> PreTrainedModel:

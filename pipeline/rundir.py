@@ -23,7 +23,7 @@ from pipeline.errors import PipelineError
 
 SCHEMA = "rlhf-pipeline/manifest/v1"
 MANIFEST = "manifest.json"
-STAGES = ("sft", "label", "rm", "ppo", "eval")
+STAGES = ("sft", "label", "rm", "ppo", "dpo", "eval")
 
 
 def current_umask() -> int:

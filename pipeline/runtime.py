@@ -48,6 +48,17 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
+def prepare_process(cfg: Config) -> bool:
+    """Threads, allocator and library output set for this process; returns whether it runs on
+    the CPU."""
+    set_threads(cfg.run.threads)
+    library_output(cfg.tracking.library_logs)
+    cpu = cfg.run.device == "cpu" or not torch.cuda.is_available()
+    if cpu:
+        keep_freed_memory()
+    return cpu
+
+
 def make_accelerator(cfg: Config, mixed_precision: str = "no",
                      gradient_accumulation_steps: int = 1) -> Accelerator:
     """An Accelerator that really is distributed under ``accelerate launch`` on CPU too.
@@ -55,11 +66,7 @@ def make_accelerator(cfg: Config, mixed_precision: str = "no",
     A plain Accelerator on a CPU-only machine quietly runs N independent processes; asking
     for the CPU explicitly makes it join the gloo process group the launcher set up.
     """
-    set_threads(cfg.run.threads)
-    library_output(cfg.tracking.library_logs)
-    cpu = cfg.run.device == "cpu" or not torch.cuda.is_available()
-    if cpu:
-        keep_freed_memory()
+    cpu = prepare_process(cfg)
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision if not cpu else "no",

@@ -1,4 +1,5 @@
-"""``rlhf seeds``: the label -> rm -> ppo -> eval -> report chain for several seeds, one table.
+"""``rlhf seeds``: the chain after SFT (label -> rm -> ppo -> eval -> report, or whatever
+``pipeline.stages`` lists) for several seeds, one table.
 
 One run proves little in RLHF: the sampled trajectory, the annotators' noise and the reward
 model all move with the seed (and with float rounding, hence with the thread count). This
@@ -30,9 +31,8 @@ from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.rundir import atomic_write_json, atomic_write_text, read_manifest
 
-CHAIN = ("label", "rm", "ppo", "eval", "report")
 # Overrides that point every stage of a seed's chain at the shared SFT stage.
-SFT_KEYS = ("label.policy", "rm.sft", "ppo.policy", "eval.sft")
+SFT_KEYS = ("label.policy", "rm.sft", "ppo.policy", "dpo.sft", "eval.sft")
 TIMING = "seed_timing.json"
 
 
@@ -67,6 +67,11 @@ def _run_stage(stage: str, config_file: str | None, overrides: list[str], log: P
     return time.time() - start
 
 
+def chain(cfg: Config) -> list[str]:
+    """The stages each seed runs: ``pipeline.stages`` after the shared SFT."""
+    return [s for s in cfg.pipeline.stages if s != "sft"]
+
+
 def run_chain(cfg: Config, config_file: str | None, overrides: list[str], seed: int,
               sft_dir: Path, echo) -> dict[str, float]:
     """One seed's chain; returns seconds per stage (of this and earlier invocations)."""
@@ -84,7 +89,7 @@ def run_chain(cfg: Config, config_file: str | None, overrides: list[str], seed: 
             f"run.threads={threads_per_job(cfg)}", *(f"{k}={sft_dir}" for k in SFT_KEYS)]
     log = Path(cfg.run.root) / cfg.run.name / "seeds" / f"seed{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    for stage in CHAIN:
+    for stage in chain(cfg):
         done = (run_dir / "report.html").is_file() if stage == "report" else \
             _complete(run_dir / stage)
         if done and not cfg.run.overwrite:
@@ -104,59 +109,92 @@ def seed_row(cfg: Config, seed: int, timing: dict[str, float]) -> dict:
     rm = (read_manifest(run_dir / "rm") or {}).get("metrics", {})
     label = (read_manifest(run_dir / "label") or {}).get("metrics", {})
     policies, wins = results["policies"], results["win_rates"]
-    win = wins["ppo_vs_sft"]
-    row = {
-        "seed": seed,
-        "win_rate": win["mean"],
-        "ci_low": win["ci95"][0],
-        "ci_high": win["ci95"][1],
+    row: dict = {"seed": seed}
+    if "ppo" in policies:
+        win = wins["ppo_vs_sft"]
+        row.update({"win_rate": win["mean"], "ci_low": win["ci95"][0],
+                    "ci_high": win["ci95"][1]})
+    row.update({
         "gold_sft": policies["sft"]["gold"]["mean"],
-        "gold_ppo": policies["ppo"]["gold"]["mean"],
-        "kl": policies["ppo"]["kl"]["mean"],
         "rm_gold_accuracy": rm.get("eval_accuracy_gold_after"),
         "rm_annotator_accuracy": rm.get("eval_accuracy_after"),
         "label_agreement_with_gold": label.get("agreement_with_gold"),
         "length_sft": policies["sft"]["length_mean"],
-        "length_ppo": policies["ppo"]["length_mean"],
         "no_eos_sft": policies["sft"]["no_eos_frac"],
-        "no_eos_ppo": policies["ppo"]["no_eos_frac"],
         "num_prompts": results["num_prompts"],
         "minutes": round(sum(timing.values()) / 60, 1),
-    }
+    })
+    if "ppo" in policies:
+        row.update({"gold_ppo": policies["ppo"]["gold"]["mean"],
+                    "kl": policies["ppo"]["kl"]["mean"],
+                    "length_ppo": policies["ppo"]["length_mean"],
+                    "no_eos_ppo": policies["ppo"]["no_eos_frac"]})
     if "bon" in policies:
         row.update({"gold_bon": policies["bon"]["gold"]["mean"],
-                    "kl_bon": policies["bon"]["kl"]["mean"],
-                    "win_rate_ppo_vs_bon": wins["ppo_vs_bon"]["mean"]})
+                    "kl_bon": policies["bon"]["kl"]["mean"]})
+        if "ppo_vs_bon" in wins:
+            row["win_rate_ppo_vs_bon"] = wins["ppo_vs_bon"]["mean"]
+    if "dpo" in policies:
+        win = wins["dpo_vs_sft"]
+        row.update({"win_rate_dpo": win["mean"], "dpo_ci_low": win["ci95"][0],
+                    "dpo_ci_high": win["ci95"][1],
+                    "gold_dpo": policies["dpo"]["gold"]["mean"],
+                    "kl_dpo": policies["dpo"]["kl"]["mean"],
+                    "length_dpo": policies["dpo"]["length_mean"],
+                    "no_eos_dpo": policies["dpo"]["no_eos_frac"]})
+        if "dpo_vs_ppo" in wins:
+            row["win_rate_dpo_vs_ppo"] = wins["dpo_vs_ppo"]["mean"]
+    # What each route costs after the shared label stage: reward model + PPO, or DPO.
+    if "ppo" in timing:
+        row["minutes_rm_ppo"] = round((timing.get("rm", 0) + timing["ppo"]) / 60, 1)
+    if "dpo" in timing:
+        row["minutes_dpo"] = round(timing["dpo"] / 60, 1)
     return row
 
 
 COLUMNS = (("seed", "seed", "{}"), ("win_rate", "PPO vs SFT win rate", "{:.3f}"),
-           ("ci", "95% CI", ""), ("gold_sft", "gold SFT", "{:.4f}"),
+           ("ci", "95% CI", ""), ("win_rate_dpo", "DPO vs SFT win rate", "{:.3f}"),
+           ("dpo_ci", "95% CI", ""), ("win_rate_dpo_vs_ppo", "DPO vs PPO win rate", "{:.3f}"),
+           ("gold_sft", "gold SFT", "{:.4f}"),
            ("gold_bon", "gold best-of-N", "{:.4f}"), ("gold_ppo", "gold PPO", "{:.4f}"),
-           ("kl", "KL PPO-SFT (nats)", "{:.2f}"), ("rm_gold_accuracy", "RM acc. vs gold", "{:.3f}"),
-           ("minutes", "minutes", "{:.1f}"))
+           ("gold_dpo", "gold DPO", "{:.4f}"),
+           ("kl", "KL PPO-SFT (nats)", "{:.2f}"), ("kl_dpo", "KL DPO-SFT (nats)", "{:.2f}"),
+           ("rm_gold_accuracy", "RM acc. vs gold", "{:.3f}"),
+           ("minutes_rm_ppo", "rm + ppo minutes", "{:.1f}"),
+           ("minutes_dpo", "dpo minutes", "{:.1f}"), ("minutes", "minutes", "{:.1f}"))
+# The interval columns and the row keys they show.
+INTERVALS = {"ci": ("ci_low", "ci_high"), "dpo_ci": ("dpo_ci_low", "dpo_ci_high")}
+# Shown whatever the rows hold (the table the default run has always had); the others, DPO's
+# and each route's minutes, where some seed evaluated a DPO policy and has that value.
+ALWAYS = ("seed", "win_rate", "ci", "gold_sft", "gold_bon", "gold_ppo", "kl",
+          "rm_gold_accuracy", "minutes")
 
 
 def markdown(rows: list[dict]) -> str:
+    with_dpo = any("gold_dpo" in r for r in rows)
+    columns = [col for col in COLUMNS if col[0] in ALWAYS or with_dpo and any(
+        INTERVALS.get(col[0], (col[0],))[0] in r for r in rows)]
+
     def cell(row, key, fmt):
-        if key == "ci":
-            return f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+        if key in INTERVALS:
+            low, high = INTERVALS[key]
+            return f"[{row[low]:.3f}, {row[high]:.3f}]" if low in row else "—"
         value = row.get(key)
         return "—" if value is None else fmt.format(value)
 
-    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in rows]
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |",
+             "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
     if len(rows) > 1:
         mean = {}
-        for key, _, _ in COLUMNS:
+        for key, _, _ in columns:
             values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
-            if key not in ("seed", "ci") and len(values) == len(rows):
+            if key != "seed" and key not in INTERVALS and len(values) == len(rows):
                 mean[key] = sum(values) / len(values)
         spread = {k: (sum((r[k] - m) ** 2 for r in rows) / (len(rows) - 1)) ** 0.5
                   for k, m in mean.items()}
         cells = ["mean ± sd"]
-        for key, _, fmt in COLUMNS[1:]:
+        for key, _, fmt in columns[1:]:
             if key in mean:
                 cells.append(f"{fmt.format(mean[key])} ± {fmt.format(spread[key])}")
             else:

@@ -253,3 +253,12 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
 
 def decode(tok: PreTrainedTokenizerBase, tokens: Sequence[int]) -> str:
     return tok.decode(tokens, skip_special_tokens=True).strip()
+
+
+def greedy_samples(model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples,
+                   max_prompt_tokens: int, max_new_tokens: int) -> list[dict]:
+    """A stage's samples.jsonl rows: per prompt example, the model's greedy response."""
+    encoded = [encode_prompt(tok, e.chat, max_prompt_tokens) for e in examples]
+    responses = generate(model, tok, encoded, max_new_tokens=max_new_tokens, temperature=0.0)
+    return [{"prompt": e.prompt, "reference": e.reference, "response": decode(tok, r)}
+            for e, r in zip(examples, responses)]

@@ -255,6 +255,7 @@ RESUME_MAY_CHANGE = (
     "rm.max_steps", "rm.epochs", "rm.log_every", "rm.save_every",
     "ppo.num_updates", "ppo.log_every", "ppo.save_every", "ppo.sample_every",
     "ppo.snapshot_every",
+    "dpo.max_steps", "dpo.epochs", "dpo.log_every", "dpo.save_every", "dpo.snapshot_every",
 )
 # What each resumable stage reads; a change elsewhere (a later stage's keys) does not matter.
 STAGE_INPUTS = {
@@ -264,6 +265,8 @@ STAGE_INPUTS = {
            "run.device"),
     "ppo": ("model.", "data.ppo", "data.sft", "data.max_prompt_tokens", "sft.max_seq_len",
             "ppo.", "run.seed", "run.device"),
+    "dpo": ("model.", "data.ranked", "data.eval", "data.max_prompt_tokens", "dpo.", "run.seed",
+            "run.device"),
 }
 
 

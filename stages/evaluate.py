@@ -1,13 +1,14 @@
-"""Evaluate: base, SFT and PPO policies on the held-out prompts, judged by the gold judge.
+"""Evaluate: base, SFT, best-of-N, PPO and DPO policies on the held-out prompts, judged by the
+gold judge.
 
 Per policy (same prompts, same sampling settings, the sampler seeded identically before each):
 gold score with a bootstrap CI, reward-model score (normalized as PPO saw it), KL to the
-policy it started from (PPO -> SFT, SFT -> base) on its own samples, response length and
-missing-EOS rate, rule violations and the safety cost. Between policies: gold win rates.
+policy it started from (PPO and DPO -> SFT, SFT -> base) on its own samples, response length
+and missing-EOS rate, rule violations and the safety cost. Between policies: gold win rates.
 
 Two views from the literature on top:
-- overoptimization (Gao et al. 2022): gold and RM score against KL to SFT for every PPO snapshot,
-  so a proxy reward that keeps rising while the gold score turns down shows up;
+- overoptimization (Gao et al. 2022): gold and RM score against KL to SFT for every PPO and DPO
+  snapshot, so a proxy reward that keeps rising while the gold score turns down shows up;
 - calibration probe (GPT-4 report): a four-way multiple-choice version of the eval split, read
   from the next-token distribution over the answer letters; RLHF tends to hurt calibration.
 
@@ -49,12 +50,17 @@ from stages.rewards import length_bounds, load_checked_judge, no_headword, profa
 from stages.scoring import PolicyModel, ScoreModel
 
 LETTERS = ("A", "B", "C", "D")
-POLICIES = ("base", "sft", "bon", "ppo")
+POLICIES = ("base", "sft", "bon", "ppo", "dpo")
+# Policies trained from the SFT policy by a stage of that name, whose folder eval.<name> gives
+# ("" = the run's, skipped when absent): each is sampled and measured like SFT, with its KL to
+# SFT, and its snapshots/ join the overoptimization view. A new one is an entry here, in
+# KL_REFERENCE and in the win-rate pairs.
+TRAINED = ("ppo", "dpo")
 # Paired per prompt: each policy answered the same prompts with the same sampler seed.
 WIN_RATE_PAIRS = (("ppo", "sft"), ("sft", "base"), ("ppo", "base"), ("bon", "sft"),
-                  ("ppo", "bon"))
+                  ("ppo", "bon"), ("dpo", "sft"), ("dpo", "ppo"), ("dpo", "bon"))
 # Which policy each one's KL is measured against (on its own samples).
-KL_REFERENCE = {"sft": "base", "ppo": "sft"}
+KL_REFERENCE = {"sft": "base", "ppo": "sft", "dpo": "sft"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,15 +327,17 @@ def optional_parent(cfg: Config, stage: str, override: str, role: str) -> Parent
     return open_parent(path, stage, role)
 
 
-def snapshot_dirs(ppo: Parent) -> list[tuple[int, Path]]:
-    """(update, folder) of the PPO snapshots, in update order."""
-    folder = ppo.path / "snapshots"
+def snapshot_dirs(parent: Parent) -> list[tuple[int, Path]]:
+    """(update or step, folder) of a stage's snapshots (``snapshots/update-N`` for PPO,
+    ``snapshots/step-N`` for DPO), in order."""
+    folder = parent.path / "snapshots"
     if not folder.is_dir():
         return []
     out = []
-    for path in folder.glob("update-*"):
-        if (path / "config.json").is_file():
-            out.append((int(path.name.split("-", 1)[1]), path))
+    for path in folder.glob("*-*"):
+        number = path.name.split("-", 1)[1]
+        if number.isdigit() and (path / "config.json").is_file():
+            out.append((int(number), path))
     return sorted(out)
 
 
@@ -347,14 +355,18 @@ def run(cfg: Config) -> Path:
 
     # --- Setup: everything that can refuse the run does so before the eval dir is cleared ----
     sft = open_parent(parent_dir(cfg, "sft", c.sft), "sft", "eval.sft")
-    ppo = optional_parent(cfg, "ppo", c.ppo, "eval.ppo")
+    trained = {name: optional_parent(cfg, name, getattr(c, name), f"eval.{name}")
+               for name in TRAINED}
+    trained = {name: parent for name, parent in trained.items() if parent is not None}
     rm = optional_parent(cfg, "rm", c.reward_model, "eval.reward_model")
     examples = load_prompts(cfg.data.eval, limit=c.num_prompts,
                             columns=column_map(cfg.data.columns, "eval"),
                             require_reference="the gold judge and the calibration probe need one")
     sft_model, tok = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(sft.model_dir))
     tok_sha = tokenizer_sha256(tok)
-    for parent, role in ((sft, "eval.sft"), (ppo, "eval.ppo"), (rm, "eval.reward_model")):
+    roles = {"eval.sft": sft, "eval.reward_model": rm,
+             **{f"eval.{name}": parent for name, parent in trained.items()}}
+    for role, parent in roles.items():
         if parent is not None:
             check_same_tokenizer(tok_sha, parent, role)
     judge = load_checked_judge("eval.judge", c.judge,
@@ -385,9 +397,9 @@ def run(cfg: Config) -> Path:
 
     per_policy: dict[str, list[dict]] = {}
     probe: dict[str, list[dict]] = {}
-    snapshots = snapshot_dirs(ppo) if ppo is not None else []
-    n_policies = 2 + (c.best_of_n > 1 and reward_model is not None) + (ppo is not None)
-    bar = progress(n_policies + len(snapshots), "eval",
+    snapshots = {name: snapshot_dirs(parent) for name, parent in trained.items()}
+    n_policies = 2 + (c.best_of_n > 1 and reward_model is not None) + len(trained)
+    bar = progress(n_policies + sum(map(len, snapshots.values())), "eval",
                    cfg.tracking.progress and accelerator.is_main_process, unit="policy")
 
     def done(name: str, rows: list[dict]) -> None:
@@ -426,13 +438,13 @@ def run(cfg: Config) -> Path:
         per_policy["bon"] = gathered(rows_of(columns, shard))
         done("bon", per_policy["bon"])
 
-    # --- PPO and its snapshots (overoptimization) ----------------------------------------------
-    overopt_local: list[tuple[int, dict]] = []
-    if ppo is not None:
-        ppo_model, _ = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(ppo.model_dir))
-        evaluate_policy("ppo", ppo_model.to(device), sft_model, "sft")
-        del ppo_model
-        for update, folder in snapshots:
+    # --- PPO, DPO and their snapshots (overoptimization) -----------------------------------------
+    overopt_local: list[tuple[str, int, list[dict]]] = []
+    for name, parent in trained.items():
+        model, _ = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(parent.model_dir))
+        evaluate_policy(name, model.to(device), sft_model, KL_REFERENCE[name])
+        del model
+        for update, folder in snapshots[name]:
             snap, _ = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(folder))
             snap.to(device)
             samples = sample(snap, tok, prompts, cfg, seed)
@@ -442,8 +454,8 @@ def run(cfg: Config) -> Path:
                 "kl": sequence_kl(snap, sft_model, tok, prompts, samples.tokens,
                                   c.temperature, c.batch_size),
             }
-            overopt_local.append((update, gathered(rows_of(columns, shard))))
-            done(f"update{update}", overopt_local[-1][1])
+            overopt_local.append((name, update, gathered(rows_of(columns, shard))))
+            done(f"{name}@{update}", overopt_local[-1][2])
             del snap
     bar.close()
 
@@ -453,7 +465,8 @@ def run(cfg: Config) -> Path:
                      "temperature": c.temperature, "max_new_tokens": c.max_new_tokens,
                      "judge": c.judge, "bootstrap": c.bootstrap,
                      "reward_model": str(rm.path) if rm else None,
-                     "ppo_algorithm": ppo_algorithm(ppo.manifest) if ppo else None,
+                     "ppo_algorithm": (ppo_algorithm(trained["ppo"].manifest) if "ppo" in trained
+                                       else None),
                      "policies": {}, "win_rates": {}}
     for name, rows in per_policy.items():
         results["policies"][name] = policy_row(rows, c, cfg.run.seed)
@@ -469,15 +482,20 @@ def run(cfg: Config) -> Path:
                 "gold": float(np.mean([r["gold"] for r in rows])),
                 "rm": float(np.mean(rm_values)) if rm_values else None}
 
+    # One curve per trained policy ("method"), each from the SFT point through its snapshots
+    # ("update": PPO updates or DPO optimizer steps) to the final policy.
     overopt = []
-    if ppo is not None:
+    if trained:
         sft_point = point(0, per_policy["sft"])
         sft_point["kl"] = 0.0
-        overopt = [{**sft_point, "policy": "sft"}]
-        overopt += [{**point(u, rows), "policy": "snapshot"} for u, rows in overopt_local]
-        final_update = int(ppo.manifest.get("metrics", {}).get("updates", 0)) or (
-            overopt[-1]["update"] + 1)
-        overopt.append({**point(final_update, per_policy["ppo"]), "policy": "ppo"})
+        overopt = [{**sft_point, "policy": "sft", "method": "sft"}]
+    for name, parent in trained.items():
+        curve = [{**point(u, rows), "policy": "snapshot", "method": name}
+                 for n, u, rows in overopt_local if n == name]
+        finished = parent.manifest.get("metrics", {})
+        last = int(finished.get("updates") or finished.get("steps") or 0) or (
+            curve[-1]["update"] + 1 if curve else 1)
+        overopt += [*curve, {**point(last, per_policy[name]), "policy": name, "method": name}]
     results["overoptimization"] = overopt
 
     calibration = {"bins": c.calibration_bins, "num_questions": len(questions),
@@ -510,17 +528,18 @@ def run(cfg: Config) -> Path:
     if accelerator.is_main_process:
         atomic_write_json(stage.path / "results.json", results)
         stage.write_jsonl(stage.samples_path, sample_rows(examples, per_policy))
-        for p in overopt:
-            tracker.log({f"overopt/{k}": v for k, v in p.items()
+        # In step order (wandb drops a step below one it has seen), a key per curve.
+        for p in sorted(overopt, key=lambda p: p["update"]):
+            tracker.log({f"overopt/{p['method']}/{k}": v for k, v in p.items()
                          if isinstance(v, float)}, step=p["update"])
         tracker.log({f"final/{k}": v for k, v in metrics.items() if v is not None},
-                    step=overopt[-1]["update"] if overopt else 0)
+                    step=max((p["update"] for p in overopt), default=0))
         tracker.log_table("samples", [
             {"prompt": r["prompt"], **{k: r[k]["response"] for k in per_policy}}
             for r in sample_rows(examples[:8], per_policy)], step=0)
     tracker.summary(metrics)
     tracker.close()
-    parents = {"sft": sft, **({"ppo": ppo} if ppo else {}), **({"reward_model": rm} if rm else {})}
+    parents = {"sft": sft, **trained, **({"reward_model": rm} if rm else {})}
     path = stage.finish(metrics=metrics, parents=parents, base_model=sft.manifest["base_model"],
                         tokenizer_sha256=tok_sha,
                         extras={"results": "results.json", "world_size": accelerator.num_processes})

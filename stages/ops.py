@@ -37,6 +37,7 @@ __all__ = [
     "FixedKLController",
     "LagrangeMultiplier",
     "Workspace",
+    "best_worst_pairs",
     "bradley_terry_loss",
     "bradley_terry_pairs",
     "critic_free_advantages",
@@ -909,6 +910,27 @@ def bradley_terry_pairs(ranks: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor,
         torch.tensor(rejected, dtype=torch.long),
         torch.tensor(weights, dtype=torch.float32),
     )
+
+
+def best_worst_pairs(ranks: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+    """Per prompt, its best response against its worst, in ``bradley_terry_pairs``' flat
+    indexing.
+
+    Returns ``(chosen_idx, rejected_idx)``, ``(P,)`` long each, one pair per group whose ranks
+    are not all equal. A tie for best or for worst takes the earliest of the tied responses.
+    Noisy annotators rarely swap the two ends of a ranking (a swap of adjacent responses never
+    does once ``K >= 3``), so this pair is the ranking's most reliable one.
+    """
+    chosen: list[int] = []
+    rejected: list[int] = []
+    offset = 0
+    for group in ranks:
+        group = list(group)
+        if group and min(group) < max(group):
+            chosen.append(offset + group.index(min(group)))
+            rejected.append(offset + group.index(max(group)))
+        offset += len(group)
+    return torch.tensor(chosen, dtype=torch.long), torch.tensor(rejected, dtype=torch.long)
 
 
 def bradley_terry_loss(

@@ -410,6 +410,11 @@ def stage_summary(stage: str, m: dict) -> str:
             if f"{name}_end" in m:
                 parts.append(f"{what} {g(name + '_start')} → {g(name + '_end')}")
         return "; ".join(parts)
+    if stage == "dpo" and "eval_accuracy_after" in m:
+        return (f"held-out pair accuracy {g('eval_accuracy_before')} → "
+                f"{g('eval_accuracy_after')}, reward margin {g('eval_reward_margin_before')} → "
+                f"{g('eval_reward_margin_after')} in {g('steps')} steps on "
+                f"{g('train_pairs')} pairs")
     if stage == "eval":
         golds = [f"{k[5:]} {g(k)}" for k in m if k.startswith("gold_")]
         if golds:
@@ -511,48 +516,65 @@ def rm_section(run_dir: Path, manifest: dict | None) -> str:
                             "optimizer step"))
 
 
-def ppo_section(run_dir: Path, manifest: dict | None) -> str:
+def curves_section(run_dir: Path, stage: str, manifest: dict | None, xlabel: str) -> str:
+    """A stage shown by its logged curves alone (PPO, DPO)."""
     if manifest is None:
-        return missing("No PPO stage in this run.")
-    figures = curve_figures("ppo", read_metrics(run_dir / "ppo" / "metrics.jsonl"), "update")
+        return missing(f"No {stage.upper()} stage in this run.")
+    figures = curve_figures(stage, read_metrics(run_dir / stage / "metrics.jsonl"), xlabel)
     if not figures:
-        return missing("The PPO stage logged no curves.")
-    algo = ppo_algorithm(manifest)
-    k = algo["samples_per_prompt"]
-    note = (f'<p class="small">Advantage estimator: {esc(algo["label"])} ({k} response'
-            f'{"s" if k > 1 else ""} per prompt, KL in the {esc(algo["kl_in"])}, '
-            f'{"with a" if algo["critic"] else "no"} critic).</p>')
+        return missing(f"The {stage.upper()} stage logged no curves.")
+    note = ""
+    if stage == "ppo":
+        algo = ppo_algorithm(manifest)
+        k = algo["samples_per_prompt"]
+        note = (f'<p class="small">Advantage estimator: {esc(algo["label"])} ({k} response'
+                f'{"s" if k > 1 else ""} per prompt, KL in the {esc(algo["kl_in"])}, '
+                f'{"with a" if algo["critic"] else "no"} critic).</p>')
     return note + figures
 
 
 def overoptimization_section(results: dict) -> str:
     points = results.get("overoptimization") or []
     if not points:
-        return missing("No PPO policy was evaluated, so there is no overoptimization view.")
+        return missing("No PPO or DPO policy was evaluated, so there is no overoptimization "
+                       "view.")
+
+    # One curve per method (PPO, DPO), each starting from the shared SFT point; results
+    # written before DPO existed have PPO points only and no "method".
+    origin = [p for p in points if p.get("method", p.get("policy")) == "sft"]
+    methods = list(dict.fromkeys(p.get("method", "ppo") for p in points if p not in origin))
+    curves = {m: origin + [p for p in points if p not in origin and p.get("method", "ppo") == m]
+              for m in methods}
 
     def draw(fig):
         ax = fig.add_subplot(1, 1, 1)
-        kl = [p["kl"] for p in points]
-        ax.plot(kl, [p["gold"] for p in points], label="gold score", **style(0))
+        with_rm = all(p.get("rm") is not None for p in points)
+        ax2 = ax.twinx() if with_rm else None
+        for i, (m, curve) in enumerate(curves.items()):
+            kl = [p["kl"] for p in curve]
+            ax.plot(kl, [p["gold"] for p in curve], label=f"gold score ({m.upper()})",
+                    **style(i))
+            for p in curve[len(origin):]:
+                ax.annotate(f"{'update' if m == 'ppo' else 'step'} {p['update']}",
+                            (p["kl"], p["gold"]), fontsize=7, xytext=(4, 4),
+                            textcoords="offset points")
+            if ax2 is not None:
+                ax2.plot(kl, [p["rm"] for p in curve], label=f"RM score ({m.upper()})",
+                         **style(len(curves) + i))
         ax.set_xlabel("KL(policy || SFT), nats per response")
         ax.set_ylabel("gold score")
-        for p in points:
-            ax.annotate(f"update {p['update']}", (p["kl"], p["gold"]), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
         handles, labels = ax.get_legend_handles_labels()
-        if all(p.get("rm") is not None for p in points):
-            ax2 = ax.twinx()
-            ax2.plot(kl, [p["rm"] for p in points], label="RM score", **style(1))
+        if ax2 is not None:
             ax2.set_ylabel("reward model score (normalized)")
             more = ax2.get_legend_handles_labels()
             handles, labels = handles + more[0], labels + more[1]
         ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2,
                   fontsize=8, frameon=False)
 
-    rows = [[policy_label(p.get("policy"), results), p["update"], p["kl"], p["gold"], p.get("rm")]
-            for p in points]
+    rows = [[p.get("method", "sft" if p in origin else "ppo"), p.get("policy"), p["update"],
+             p["kl"], p["gold"], p.get("rm")] for p in points]
     return (figure_img("overoptimization", draw, "Overoptimization: score vs KL to SFT")
-            + table(["policy", "update", "KL to SFT", "gold", "RM"], rows))
+            + table(["method", "policy", "update / step", "KL to SFT", "gold", "RM"], rows))
 
 
 def calibration_section(results: dict) -> str:
@@ -667,7 +689,10 @@ def build(run_dir: Path) -> str:
         ("lineage", "Lineage", lineage(run_dir, manifests)),
         ("sft", "Supervised fine-tuning", sft_section(run_dir, manifests.get("sft"))),
         ("rm", "Reward model", rm_section(run_dir, manifests.get("rm"))),
-        ("ppo", "PPO", ppo_section(run_dir, manifests.get("ppo"))),
+        ("ppo", "PPO", curves_section(run_dir, "ppo", manifests.get("ppo"), "update")),
+        # DPO is opt-in (pipeline.stages): its section is there when the run has the stage.
+        *([("dpo", "DPO", curves_section(run_dir, "dpo", manifests["dpo"], "optimizer step"))]
+          if "dpo" in manifests else []),
         ("eval", f"Evaluation: {compared}" if compared else "Evaluation",
          results_section(results)),
         ("overoptimization", "Overoptimization (Gao et al. 2022)",

@@ -82,17 +82,22 @@ class Group:
 # ---------------------------------------------------------------------------------------------
 
 
-def open_inputs(cfg: Config) -> tuple[Parent, Parent | None, str, ColumnMap | None]:
-    """(SFT parent, label parent or None, ranked data source, its column renames), every
-    tokenizer checked. The label stage's own output is read as written, without renames."""
-    sft = open_parent(stage_dir(cfg, "sft", cfg.rm.sft), "sft", "rm.sft")
-    source = cfg.rm.data or cfg.data.ranked
+def open_inputs(cfg: Config, section: str = "rm",
+                ) -> tuple[Parent, Parent | None, str, ColumnMap | None]:
+    """(SFT parent, label parent or None, ranked data source, its column renames) of a stage
+    that trains on rankings (``section``: "rm" or "dpo", whose ``sft`` and ``data`` keys locate
+    them), every tokenizer checked. The label stage's own output is read as written, without
+    renames."""
+    c = getattr(cfg, section)
+    sft = open_parent(stage_dir(cfg, "sft", c.sft), "sft", f"{section}.sft")
+    source = c.data or cfg.data.ranked
     label = None
     columns = column_map(cfg.data.columns, "ranked") if source else None
     if not source:
-        label = open_parent(stage_dir(cfg, "label", None), "label", "rm.data (label stage)")
+        role = f"{section}.data (label stage)"
+        label = open_parent(stage_dir(cfg, "label", None), "label", role)
         policy_sha = sft.manifest.get("tokenizer_sha256") or ""
-        check_same_tokenizer(policy_sha, label, "rm.data (label stage)")
+        check_same_tokenizer(policy_sha, label, role)
         source = str(label.path / "data.jsonl")
     return sft, label, source, columns
 

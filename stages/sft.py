@@ -30,14 +30,7 @@ from pipeline.models import (
 from pipeline.progress import progress
 from pipeline.rundir import StageDir
 from pipeline.runtime import make_accelerator
-from pipeline.text import (
-    IGNORE_INDEX,
-    decode,
-    encode_prompt,
-    generate,
-    pad,
-    tokenize_demonstration,
-)
+from pipeline.text import IGNORE_INDEX, greedy_samples, pad, tokenize_demonstration
 from pipeline.tracking import Tracker
 from pipeline.training import (
     Guard,
@@ -209,12 +202,8 @@ def run(cfg: Config) -> Path:
     policy = merged(whole_model.fill(model))
     samples = []
     if accelerator.is_main_process and c.num_samples:
-        prompts = sample_prompts
-        encoded = [encode_prompt(tok, p.chat, cfg.data.max_prompt_tokens) for p in prompts]
-        responses = generate(policy, tok, encoded, max_new_tokens=c.max_new_tokens,
-                             temperature=0.0)
-        samples = [{"prompt": p.prompt, "reference": p.reference, "response": decode(tok, r)}
-                   for p, r in zip(prompts, responses)]
+        samples = greedy_samples(policy, tok, sample_prompts, cfg.data.max_prompt_tokens,
+                                 c.max_new_tokens)
         stage.write_jsonl(stage.samples_path, samples)
         tracker.log_table("samples", samples, step=step)
 

@@ -54,6 +54,22 @@ def test_ppo_help_lists_kl_coef_with_type_default_and_doc(capsys):
     assert "  sft.lr: " not in out and "  eval.judge: " not in out
 
 
+def test_dpo_help_lists_the_dpo_keys_with_their_docs(capsys):
+    assert main(["dpo", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: rlhf dpo [--config FILE|NAME] [key=value ...]")
+    head, doc = _entry(out, "dpo.beta")
+    assert head == "  dpo.beta: float = 0.1"
+    assert doc.startswith("KL strength: the implicit reward is beta * log(pi / pi_ref)")
+    assert _entry(out, "dpo.pairs")[0] == '  dpo.pairs: str = "best_worst"'
+    assert _entry(out, "dpo.lora.enabled")[0] == "  dpo.lora.enabled: bool = false"
+    # Every dpo key is documented, and the section's summary heads the help.
+    dpo_keys = [k for k in keydoc.section_keys(config_module.DpoStageConfig, "dpo")]
+    assert all(_entry(out, k.name)[1] for k in dpo_keys), [k.name for k in dpo_keys]
+    assert "DPO with TRL's DPOTrainer on the ranked responses" in out
+    assert "  ppo.kl_coef: " not in out and "  rm.margin: " not in out
+
+
 def test_stage_help_covers_its_sections_and_pipeline_help_every_key(capsys):
     assert main(["pipeline", "--help"]) == 0
     out = capsys.readouterr().out
@@ -135,7 +151,7 @@ def test_configs_ls_and_cp(tmp_path, capsys):
     out = capsys.readouterr().out
     names = [line.split()[0] for line in out.splitlines() if line and not line[0].isspace()
              and not line.startswith("(")]
-    assert names[:4] == ["default", "gpu_multi", "gpu_single", "quick"]
+    assert names[:5] == ["compare", "default", "gpu_multi", "gpu_single", "quick"]
     assert "accelerate/cpu_2proc" in names and "deepspeed/zero2" in names
     assert re.search(r"^quick +Tiny random-init model", out, re.M)
 

@@ -15,6 +15,7 @@ from pipeline.config import (
     hub_repo_id,
     load_config,
     parse_override,
+    to_dict,
     to_yaml,
 )
 
@@ -188,6 +189,47 @@ def test_ppo_refuses_truncated_sampling_naming_each_key(capsys):
     assert main(["ppo", "ppo.top_k=5"]) == 2
     assert "ppo.top_k=5" in capsys.readouterr().err
     load_config(None, ["ppo.top_k=0", "ppo.top_p=1.0", "label.top_p=0.9"])
+
+
+def test_dpo_section_collects_every_problem():
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["dpo.pairs=random", "dpo.loss_type=kto", "dpo.beta=0",
+                           "dpo.max_seq_len=32", "data.max_prompt_tokens=32",
+                           "dpo.label_smoothing=0.2", "dpo.warmup_ratio=1", "dpo.eval_size=-1"])
+    problems = exc.value.problems
+    for fragment in ("dpo.pairs='random'", "dpo.loss_type='kto'", "dpo.beta=0.0",
+                     "dpo.max_seq_len=32: expected > data.max_prompt_tokens=32",
+                     "dpo.label_smoothing=0.2: only dpo.loss_type=robust",
+                     "dpo.warmup_ratio=1.0", "dpo.eval_size=-1"):
+        assert any(fragment in p for p in problems), (fragment, problems)
+    with pytest.raises(ConfigError, match=r"dpo.label_smoothing=0.5: expected in \[0, 0.5\)"):
+        load_config(None, ["dpo.loss_type=robust", "dpo.label_smoothing=0.5"])
+    cfg = load_config(None, ["dpo.loss_type=robust", "dpo.label_smoothing=0.1"])
+    assert (cfg.dpo.pairs, cfg.dpo.label_smoothing) == ("best_worst", 0.1)
+
+
+def test_pipeline_stages_default_leaves_dpo_out_and_order_is_checked():
+    assert Config().pipeline.stages == ["sft", "label", "rm", "ppo", "eval", "report"]
+    cfg = load_config(None, ["pipeline.stages=[sft, label, dpo, eval, report]"])
+    assert cfg.pipeline.stages == ["sft", "label", "dpo", "eval", "report"]
+    for stages, fragment in (("[sft, dpo, label]", "in the order sft, label, rm, ppo, dpo"),
+                             ("[sft, sft]", "each stage once"),
+                             ("[sft, kto]", "unknown stage 'kto'"),
+                             ("[]", "expected at least one stage")):
+        with pytest.raises(ConfigError, match=fragment):
+            load_config(None, [f"pipeline.stages={stages}"])
+
+
+def test_compare_config_is_the_default_plus_dpo():
+    """configs/compare.yaml must not drift from the default run it compares against."""
+    default, compare = (to_dict(load_config(REPO / "configs" / f"{n}.yaml"))
+                        for n in ("default", "compare"))
+    assert compare["pipeline"]["stages"] == ["sft", "label", "rm", "ppo", "dpo", "eval",
+                                             "report"]
+    assert compare["dpo"]["lora"]["enabled"] and compare["dpo"] != default["dpo"]
+    assert compare["run"] == {**default["run"], "name": "compare"}
+    for section in set(default) - {"dpo", "pipeline", "run"}:
+        assert compare[section] == default[section], section
 
 
 def test_lora_on_scratch_contradicts():

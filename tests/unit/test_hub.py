@@ -155,3 +155,27 @@ def test_base_model_of_a_chain():
     assert hub_base_model([{"stage": "sft", "base_model": None}]) is None
     assert "Q4_1.gguf" in describe_base([rm, packaged])
     assert "dequantized to float32" in describe_base([rm, packaged])
+
+
+def test_cards_of_the_ranked_stages_name_their_data(tmp_path):
+    """rm and dpo read the same ranked data: an explicit dpo.data, else data.ranked, else the
+    label stage's output (a parent)."""
+    label = StageDir(load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=r"]),
+                     "label")
+    label.start()
+    label.finish(metrics={"rows": 4})
+    from pipeline.rundir import open_parent
+
+    parent = open_parent(label.path, "label", "dpo.data (label stage)")
+    dpo = model_stage(tmp_path, "dpo")
+    dpo.finish(metrics={"steps": 2}, parents={"label": parent})
+    card = (dpo.path / "model" / CARD).read_text()
+    assert "trained with DPO" in card and "tags:\n- rlhf\n- rlhf-pipeline\n- dpo" in card
+    assert f"- **Data (ranked responses):** {label.path / 'data.jsonl'}" in card
+    dpo = model_stage(tmp_path, "dpo", "dpo.data=mine.jsonl", "data.ranked=theirs.jsonl",
+                      "run.overwrite=true")
+    dpo.finish(metrics={"steps": 2})
+    assert "- **Data (ranked responses):** mine.jsonl" in (dpo.path / "model" / CARD).read_text()
+    rm = model_stage(tmp_path, "rm", "data.ranked=theirs.jsonl")
+    rm.finish(metrics={})
+    assert "- **Data (ranked responses):** theirs.jsonl" in (rm.path / "model" / CARD).read_text()

@@ -19,6 +19,7 @@ from stages.ops import (  # noqa: E402
     FixedKLController,
     LagrangeMultiplier,
     Workspace,
+    best_worst_pairs,
     bradley_terry_loss,
     bradley_terry_pairs,
     entropy_from_logits,
@@ -503,6 +504,24 @@ def test_bradley_terry_pairs() -> None:
     # 2 groups: group 0 pairs 1/3/2 = 1/6 each, group 1 pair 1/1/2 = 1/2
     close(weight, [1 / 6, 1 / 6, 1 / 6, 0.5])
     close(weight.sum(), 1.0)
+
+
+def test_best_worst_pairs() -> None:
+    # group 0 (flat 0..3): best is rank 0 at 2, worst rank 3 at 1; group 1 (flat 4..5): 5 > 4;
+    # group 2 (flat 6..7) is all tied: no pair; group 3 (flat 8..11): ties at both ends keep
+    # the earliest of each.
+    chosen, rejected = best_worst_pairs([[1, 3, 0, 2], [1, 0], [2, 2], [0, 0, 1, 1]])
+    assert chosen.tolist() == [2, 5, 8]
+    assert rejected.tolist() == [1, 4, 10]
+    assert chosen.dtype == rejected.dtype == torch.long
+    chosen, rejected = best_worst_pairs([[0, 1, 1], [1, 1]])
+    assert chosen.tolist() == [0] and rejected.tolist() == [1]
+    chosen, rejected = best_worst_pairs([])
+    assert chosen.numel() == rejected.numel() == 0
+    # Each pair is one of the pairs bradley_terry_pairs lists for the same ranking.
+    ranks = [[2, 0, 1, 3], [0, 2, 1]]
+    all_pairs = set(zip(*(t.tolist() for t in bradley_terry_pairs(ranks)[:2])))
+    assert set(zip(*(t.tolist() for t in best_worst_pairs(ranks)))) <= all_pairs
 
 
 def test_bradley_terry_pairs_ties_skipped() -> None:

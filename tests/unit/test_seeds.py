@@ -32,6 +32,11 @@ def fake_stage_runner(calls: list):
                                       ("bon", 0.42, 0.636))}
             wins = {"ppo_vs_sft": {"mean": 0.6, "ci95": [0.55, 0.65]},
                     "ppo_vs_bon": {"mean": 0.55, "ci95": [0.5, 0.6]}}
+            if (run_dir / "dpo").is_dir():
+                pol["dpo"] = {"gold": {"mean": 0.43}, "length_mean": 9.0, "no_eos_frac": 0.0,
+                              "kl": {"mean": 2.0 + seed}}
+                wins.update({"dpo_vs_sft": {"mean": 0.58, "ci95": [0.52, 0.63]},
+                             "dpo_vs_ppo": {"mean": 0.47, "ci95": [0.41, 0.52]}})
             atomic_write_json(out / "results.json", {"policies": pol, "win_rates": wins,
                                                      "num_prompts": 300})
         if stage == "report":
@@ -69,12 +74,34 @@ def test_seeds_share_sft_run_each_chain_and_write_one_table(tmp_path, monkeypatc
             "rm_gold_accuracy", "minutes"} <= set(rows[0])
     table = (tmp_path / "exp" / "seeds.md").read_text()
     assert table.count("\n") == 2 + 2 + 1 and "mean ± sd" in table
+    assert "DPO" not in table and "rm + ppo minutes" not in table  # no dpo stage ran
 
     # Again: everything finished, so nothing reruns; the table comes back the same.
     calls.clear()
     seeds.run(cfg, None, overrides, echo=lambda _: None)
     assert calls == []
     assert json.loads((tmp_path / "exp" / "seeds.json").read_text()) == rows
+
+
+def test_seeds_run_dpo_when_pipeline_stages_list_it(tmp_path, monkeypatch) -> None:
+    calls: list = []
+    monkeypatch.setattr(seeds, "_run_stage", fake_stage_runner(calls))
+    overrides = [f"run.root={tmp_path}", "run.name=cmp", "run.seeds=[0, 1]", "run.threads=1",
+                 "pipeline.stages=[sft, label, rm, ppo, dpo, eval, report]"]
+    cfg = load_config(None, overrides)
+    seeds.run(cfg, None, overrides, echo=lambda _: None)
+    chain = [(s, o) for s, o in calls if o.get("run.seed") == "1"]
+    assert [s for s, _ in chain] == ["label", "rm", "ppo", "dpo", "eval", "report"]
+    assert chain[3][1]["dpo.sft"] == str(tmp_path / "cmp" / "sft")
+    rows = json.loads((tmp_path / "cmp" / "seeds.json").read_text())
+    assert rows[1]["kl_dpo"] == 3.0 and rows[1]["win_rate_dpo_vs_ppo"] == 0.47
+    # 60 s per stage: rm + ppo = 2 minutes, dpo 1, the whole chain 6.
+    assert (rows[0]["minutes_rm_ppo"], rows[0]["minutes_dpo"], rows[0]["minutes"]) == (2, 1, 6)
+    header, _, first, _, mean = (tmp_path / "cmp" / "seeds.md").read_text().splitlines()
+    for title in ("DPO vs SFT win rate", "DPO vs PPO win rate", "gold DPO", "KL DPO-SFT",
+                  "rm + ppo minutes", "dpo minutes"):
+        assert title in header, title
+    assert "[0.520, 0.630]" in first and "2.50 ± 0.71" in mean  # KL DPO: 2 and 3
 
 
 def test_a_failing_stage_is_one_error_naming_it(tmp_path, monkeypatch) -> None:
