@@ -50,14 +50,19 @@ def conversational_data(folder: Path) -> list[str]:
 
 
 def record_prompts(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
-    """What each stage asks ``encode_prompt`` to format, by stage module."""
+    """What each stage asks ``encode_prompt`` to format, by module; "text" is
+    ``pipeline.text.greedy_samples``, through which SFT samples its prompts."""
     seen: dict[str, list] = {}
-    for module in ("sft", "label", "reward", "ppo", "evaluate"):
-        def recording(tok, messages, max_prompt_tokens, _module=module):
-            seen.setdefault(_module, []).append(messages)
-            return pipeline.text.encode_prompt(tok, messages, max_prompt_tokens)
+    original = pipeline.text.encode_prompt
+    for module in ("stages.label", "stages.reward", "stages.ppo", "stages.evaluate",
+                   "pipeline.text"):
+        name = module.split(".")[-1]
 
-        monkeypatch.setattr(f"stages.{module}.encode_prompt", recording)
+        def recording(tok, messages, max_prompt_tokens, _name=name):
+            seen.setdefault(_name, []).append(messages)
+            return original(tok, messages, max_prompt_tokens)
+
+        monkeypatch.setattr(f"{module}.encode_prompt", recording)
     return seen
 
 
@@ -77,7 +82,7 @@ def test_chain_on_conversational_forms(tmp_path: Path, capsys,
     assert any(isinstance(m, list) and m[0] == SYSTEM for m in seen["reward"])
     # Eval's prompts are conversations; its calibration questions are its own text.
     assert sum(isinstance(m, list) for m in seen["evaluate"]) == 4
-    assert seen["sft"] and all(isinstance(m, list) for m in seen["sft"])
+    assert seen["text"] and all(isinstance(m, list) for m in seen["text"])
     run = root / "conv"
     for stage in ("sft", "label", "rm", "ppo", "eval"):
         assert read_manifest(run / stage)["status"] == "complete", stage
