@@ -52,8 +52,10 @@ while True:
 
 
 def run_case(threads: int, wait: str | None) -> float:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if wait:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if wait and wait.startswith("spin="):
+        env["GOMP_SPINCOUNT"] = wait[len("spin="):]
+    elif wait:
         env["OMP_WAIT_POLICY"] = wait
     env["OMP_NUM_THREADS"] = str(threads)
     out = subprocess.run([sys.executable, "-c", WORKER, str(threads), str(ROOT)], env=env,
@@ -65,8 +67,11 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--repeats", type=int, default=3)
+    # GOMP_SPINCOUNT values to try with the default wait policy (idle threads spin this many
+    # iterations, then sleep).
+    p.add_argument("--spin", type=int, nargs="*", default=[])
     args = p.parse_args()
-    cases = [(1, None), (2, None), (2, "PASSIVE")]
+    cases = [(1, None), (2, None), (2, "PASSIVE")] + [(2, f"spin={n}") for n in args.spin]
     rates: dict[str, list[float]] = {}
     loads = [os.getloadavg()[0]]
     for _ in range(args.repeats):

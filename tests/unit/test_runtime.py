@@ -35,15 +35,17 @@ def test_keep_freed_memory_applies_on_glibc():
     assert float(big.sum()) == 64 * (1 << 20)
 
 
-def test_openmp_threads_wait_passively_unless_the_user_says_otherwise():
-    """The package sets OMP_WAIT_POLICY before torch loads OpenMP (spinning waits collapse
-    2-thread runs on shared cores), and leaves a user's own value alone."""
+def test_openmp_threads_spin_briefly_unless_the_user_says_otherwise():
+    """The package shortens OpenMP's spin-wait before torch loads OpenMP (long spins collapse
+    2-thread runs on shared cores), and leaves a user's wait policy or spin count alone."""
     probe = ("import sys, os, pipeline; assert 'torch' not in sys.modules; "
-             "import pipeline.cli; print(os.environ['OMP_WAIT_POLICY'])")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
-                         check=True)
-    assert out.stdout.strip() == "PASSIVE"
-    out = subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
-                         capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "ACTIVE"
+             "import pipeline.cli; print(os.environ.get('GOMP_SPINCOUNT'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+
+    def spin(**extra) -> str:
+        return subprocess.run([sys.executable, "-c", probe], env={**env, **extra},
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert spin() == "3000"
+    assert spin(GOMP_SPINCOUNT="50") == "50"
+    assert spin(OMP_WAIT_POLICY="ACTIVE") == "None"
