@@ -8,6 +8,7 @@ and reused by every later test and session.
 
 from __future__ import annotations
 
+import json  # noqa: E402
 import os
 
 # Before torch / tokenizers / wandb are imported by any test module.
@@ -80,3 +81,18 @@ def tiny_sft_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = sft.run(cfg)
     torch.set_num_threads(1)
     return path
+
+
+def logged_rows(stage: Path) -> list[dict]:
+    """A stage's metrics.jsonl, one dict per logged line."""
+    return [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_metrics(one: list[dict], two: list[dict], skip: tuple[str, ...] = ()) -> None:
+    """Two runs logged the same metrics (timings aside) within float tolerance."""
+    assert len(one) == len(two)
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys()
+        for key in a:
+            if not key.startswith(("time/", "perf/", *skip)):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key

@@ -26,7 +26,7 @@ from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.rundir import MANIFEST
 from stages import ppo, reward, sft
-from tests.conftest import tiny_override_list
+from tests.conftest import assert_same_metrics, logged_rows, tiny_override_list
 from tests.integration.scripted_ppo import scripted_generate
 from tests.integration.test_ppo import ddp_args
 from tests.integration.test_reward import toy_rows, write_jsonl
@@ -54,19 +54,6 @@ def assert_sharded(stdout: str, *models: str) -> None:
                            r"shards over 2 processes", stdout)
         assert len(lines) == 2, (model, stdout[-2000:])
         assert all(int(n) == int(total) > 0 for n, total in lines), lines
-
-
-def rows(stage: Path) -> list[dict]:
-    return [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_same_metrics(one: list[dict], two: list[dict], skip: tuple[str, ...] = ()) -> None:
-    assert len(one) == len(two)
-    for a, b in zip(one, two):
-        assert a.keys() == b.keys()
-        for key in a:
-            if not key.startswith(("time/", "perf/", *skip)):
-                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 
 
 def assert_same_weights(one: Path, two: Path) -> None:
@@ -142,7 +129,7 @@ def test_reward_model_under_fsdp_matches_one_process(rm_runs) -> None:
     assert manifest["metrics"]["world_size"] == 2
     assert manifest["metrics"]["eval_accuracy_after"] != manifest["metrics"]["eval_accuracy_before"]
     # Training, the periodic and final evaluations (on the whole copy) and the saved model.
-    assert_same_metrics(rows(one), rows(two), skip=("norm/",))
+    assert_same_metrics(logged_rows(one), logged_rows(two), skip=("norm/",))
     assert_same_weights(one, two)
     # The checkpoint holds whole tensors, as one process writes them.
     saved = load_file(str(two / "checkpoints" / "step-0000002" / "reward.safetensors"))
@@ -199,11 +186,11 @@ def test_ppo_under_fsdp_matches_one_process(ppo_runs) -> None:
     one, two, stdout = ppo_runs
     assert_sharded(stdout, "PolicyModel", "ScoreModel")
     assert json.loads((two / MANIFEST).read_text())["metrics"]["world_size"] == 2
-    metrics = rows(one)
+    metrics = logged_rows(one)
     assert abs(metrics[1]["objective/kl"]) > 1e-3  # the first update moved the policy
     assert metrics[1]["objective/kl_coef"] != metrics[0]["objective/kl_coef"]
     assert metrics[1]["objective/lambda"] != metrics[0]["objective/lambda"]
-    assert_same_metrics(metrics, rows(two))
+    assert_same_metrics(metrics, logged_rows(two))
     assert_same_weights(one, two)
 
 
@@ -214,11 +201,11 @@ def test_ppo_resumes_under_fsdp(ppo_runs) -> None:
     one, two, _ = ppo_runs
     state = json.loads((two / "checkpoints" / "step-0000001" / "state.json").read_text())
     assert {"kl_ctl", "lagrange"} <= state.keys()
-    full = rows(two)
+    full = logged_rows(two)
     kill_after_checkpoint(two, "step-0000001")
     launch_fsdp("ppo", [*ddp_args(two.parents[1], "fsdp", 4), "ppo.save_every=1",
                         "run.resume=true"])
-    assert_same_metrics(full, rows(two))
+    assert_same_metrics(full, logged_rows(two))
     assert_same_weights(one, two)
 
 
@@ -238,6 +225,6 @@ def test_ppo_with_lora_under_fsdp_matches_one_process(root: Path) -> None:
         monkeypatch.undo()
     torch.set_num_threads(1)
     two = root / "fsdp_lora" / "ppo"
-    assert rows(one)[1]["objective/kl"] != 0.0
-    assert_same_metrics(rows(one), rows(two))
+    assert logged_rows(one)[1]["objective/kl"] != 0.0
+    assert_same_metrics(logged_rows(one), logged_rows(two))
     assert_same_weights(one, two)

@@ -22,7 +22,7 @@ from pipeline.errors import PipelineError
 from pipeline.rundir import MANIFEST
 from pipeline.runtime import set_threads
 from stages import ops, ppo, sft
-from tests.conftest import tiny_override_list
+from tests.conftest import assert_same_metrics, logged_rows, tiny_override_list
 from tests.integration.scripted_ppo import scripted_generate
 
 torch.set_num_threads(1)
@@ -281,15 +281,9 @@ def test_two_processes_match_one(sft_root, monkeypatch):
 
     two = sft_root / "ddp2" / "ppo"
     assert json.loads((two / MANIFEST).read_text())["metrics"]["world_size"] == 2
-    rows = {}
-    for name, path in (("one", one), ("two", two)):
-        rows[name] = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows["one"]) == len(rows["two"]) == 2
-    for a, b in zip(rows["one"], rows["two"]):
-        assert a.keys() == b.keys()
-        for key in a:
-            if not key.startswith(("time/", "perf/")):
-                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    rows = {"one": logged_rows(one), "two": logged_rows(two)}
+    assert len(rows["one"]) == 2
+    assert_same_metrics(rows["one"], rows["two"])
     assert rows["one"][1]["objective/kl"] > 1e-3  # the first update moved the policy
     assert rows["one"][1]["objective/kl_coef"] != rows["one"][0]["objective/kl_coef"]
     weights_one = load_file(str(one / "model" / "model.safetensors"))

@@ -5,7 +5,6 @@ match 1 with group baselines."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 from pipeline.config import load_config
 from pipeline.rundir import MANIFEST
 from stages import ppo, sft
+from tests.conftest import assert_same_metrics, logged_rows
 from tests.integration.scripted_groups import scripted_group_generate
 from tests.integration.test_ppo import RULE, mean, overrides, run_ppo
 
@@ -198,15 +198,9 @@ def test_group_estimator_on_two_processes_matches_one(sft_root, monkeypatch):
     one = ppo.run(load_config(None, group_ddp_args(sft_root, "gddp1", 4)))
 
     two = sft_root / "gddp2" / "ppo"
-    rows = {}
-    for name, path in (("one", one), ("two", two)):
-        rows[name] = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows["one"]) == len(rows["two"]) == 2
-    for a, b in zip(rows["one"], rows["two"]):
-        assert a.keys() == b.keys()
-        for key in a:
-            if not key.startswith(("time/", "perf/")):
-                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    rows = {"one": logged_rows(one), "two": logged_rows(two)}
+    assert len(rows["one"]) == 2
+    assert_same_metrics(rows["one"], rows["two"])
     # The first update moved the policy: the group's two responses differ, so the baseline
     # left a signal (the k3 loss has no gradient while the policy is the reference).
     assert rows["one"][1]["objective/kl"] > 1e-3
