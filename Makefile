@@ -23,7 +23,7 @@ endif
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install sft label rm ppo dpo eval report pipeline seeds status test test-all lint data bench bench-setup clean clean-runs
+.PHONY: install sft label rm ppo dpo eval report pipeline seeds status test test-all lint data bench bench-135m bench-setup clean clean-runs
 
 install: $(STAMP)
 
@@ -78,13 +78,21 @@ $(TRL_STAMP):
 	$(TRL_VENV)/bin/python -m pip install -q --upgrade pip
 	$(TRL_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
 	$(TRL_VENV)/bin/python -m pip install -q trl==1.12.0 transformers==5.23.0 \
-		accelerate==1.15.0 datasets==5.2.0
-	$(TRL_VENV)/bin/python -c "from trl.experimental.ppo import PPOConfig, PPOTrainer"
+		accelerate==1.15.0 datasets==5.2.0 peft==0.21.2
+	$(TRL_VENV)/bin/python -c "from trl.experimental.ppo import PPOConfig, PPOTrainer; import peft"
 	touch $(TRL_STAMP)
 
 # Ours vs TRL 1.12 PPO on the same tiny models, interleaved; writes bench/results/.
 bench: install bench-setup
 	$(BIN)/python bench/ppo_vs_trl.py $(BENCH_ARGS)
+
+# The default run's model and PPO settings (SmolLM2-135M-Instruct, LoRA r 16 on both sides,
+# batch 16, 40 new tokens, 2 epochs x 4 minibatches), and its sampler against the limit.
+bench-135m: install bench-setup
+	$(BIN)/python bench/ppo_vs_trl.py --sizes 135m --sides ours_lora,trl_lora --batch 16 \
+		--response-length 40 --epochs 2 --minibatches 4 --reps 2 --updates 2 \
+		--out bench/results/ppo_vs_trl_135m $(BENCH_ARGS)
+	$(BIN)/python bench/generation.py
 
 # Caches and build output only; runs/ (every result) stays. `make clean-runs` deletes it.
 clean:

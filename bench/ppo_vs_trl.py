@@ -35,15 +35,19 @@ BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 DATA = ROOT / "data" / "wordnet" / "ppo.jsonl"
 
-# name -> scratch Llama sizes. The 49k-token vocabulary (tied embedding) dominates the small ones.
+# name -> scratch Llama sizes (None: the packaged pretrained SmolLM2-135M-Instruct, the default
+# run's model). The 49k-token vocabulary (tied embedding) dominates the small ones.
 SIZES = {
     "tiny": dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64),
     "5m": dict(hidden_size=96, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384),
     "20m": dict(hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=4,
                 intermediate_size=1024),
+    "135m": None,
 }
 MAX_PROMPT_TOKENS = 64
-SIDES = ("ours", "trl", "ours_lora")
+SIDES = ("ours", "trl", "ours_lora", "trl_lora")
+LABELS = {"ours": "ours, full", "trl": "TRL 1.12, full", "ours_lora": "ours, LoRA r=16",
+          "trl_lora": "TRL 1.12, LoRA r=16 (peft)"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--response-length", type=int, default=None,
                    help="new tokens per response [32; quick 8]")
     p.add_argument("--epochs", type=int, default=None, help="PPO epochs [4; quick 1]")
+    p.add_argument("--minibatches", type=int, default=1, help="PPO minibatches per epoch [1]")
+    p.add_argument("--sides", default="ours,trl,ours_lora",
+                   help=f"comma list of {list(SIDES)}, run in this order [ours,trl,ours_lora]")
     p.add_argument("--no-lora", action="store_true", help="skip our LoRA row")
     p.add_argument("--workdir", default=None, help="keep the setup and runs here (default: temp)")
     p.add_argument("--out", default=None,
@@ -83,6 +90,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     for s in args.sizes:
         if s not in SIZES:
             p.error(f"unknown size {s!r}; choose from {sorted(SIZES)}")
+    args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    for s in args.sides:
+        if s not in SIDES:
+            p.error(f"unknown side {s!r}; choose from {list(SIDES)}")
+    if args.no_lora:
+        args.sides = [s for s in args.sides if not s.endswith("_lora")]
     args.warmup = 1
     return args
 
@@ -134,6 +147,7 @@ def build_setup(size: str, work: Path, args) -> dict:
     from pipeline.data import load_prompts
     from pipeline.models import (
         build_scratch,
+        load_policy,
         load_reward_backbone,
         load_tokenizer,
         save_pretrained_atomic,
@@ -143,25 +157,35 @@ def build_setup(size: str, work: Path, args) -> dict:
     from pipeline.text import encode_prompt
 
     s = SIZES[size]
-    overrides = [f"run.root={work}", f"run.name={size}", "run.overwrite=true",
-                 "model.init=scratch", "model.scratch.max_position_embeddings=256",
-                 *[f"model.scratch.{k}={v}" for k, v in s.items()]]
-    cfg = load_config(None, overrides)
-    tok = load_tokenizer("smollm2-135m-instruct", ModelConfig())
-    policy = build_scratch(cfg.model, tok, seed=0)
+    overrides = [f"run.root={work}", f"run.name={size}", "run.overwrite=true"]
+    if s is None:
+        cfg = load_config(None, overrides)
+        policy, tok = load_policy(cfg.model)
+        c = policy.config
+        s = dict(hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
+                 num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
+                 intermediate_size=c.intermediate_size)
+        base_model = cfg.model.name_or_path
+    else:
+        overrides += ["model.init=scratch", "model.scratch.max_position_embeddings=256",
+                      *[f"model.scratch.{k}={v}" for k, v in s.items()]]
+        cfg = load_config(None, overrides)
+        tok = load_tokenizer("smollm2-135m-instruct", ModelConfig())
+        policy = build_scratch(cfg.model, tok, seed=0)
+        base_model = f"scratch-{size}"
 
     sft = StageDir(cfg, "sft")
     sft.start()
     save_pretrained_atomic(policy, tok, sft.path / "model")
     tok = load_tokenizer(str(sft.path / "model"), ModelConfig())  # what PPO will load
     sha = tokenizer_sha256(tok)
-    sft.finish(metrics={}, base_model=f"scratch-{size}", tokenizer_sha256=sha)
+    sft.finish(metrics={}, base_model=base_model, tokenizer_sha256=sha)
 
     reward = load_reward_backbone(str(sft.path / "model"), ModelConfig(), tok, seed=1)
     rm = StageDir(cfg, "rm")
     rm.start()
     save_pretrained_atomic(reward, tok, rm.path / "model")
-    rm.finish(metrics={}, base_model=f"scratch-{size}", tokenizer_sha256=sha,
+    rm.finish(metrics={}, base_model=base_model, tokenizer_sha256=sha,
               parents=None, extras={"norm_bias": 0.0, "norm_scale": 1.0})
 
     n_prompts = args.batch * (args.warmup + args.updates)
@@ -199,7 +223,7 @@ def ours_cmd(setup: dict, work: Path, name: str, args, lora: bool) -> list[str]:
         f"ppo.policy={setup['sft_dir']}", f"ppo.reward_model={setup['rm_dir']}",
         "ppo.rewards=[{type: model}]",
         f"ppo.num_updates={args.warmup + args.updates}", f"ppo.batch_size={args.batch}",
-        "ppo.num_minibatches=1", f"ppo.ppo_epochs={args.epochs}",
+        f"ppo.num_minibatches={args.minibatches}", f"ppo.ppo_epochs={args.epochs}",
         f"ppo.num_prompts={setup['num_prompts']}",
         f"ppo.response_length={args.response_length}", "ppo.temperature=0.7",
         "ppo.top_k=0", "ppo.top_p=1.0", "ppo.kl_coef=0.05", "ppo.adaptive_kl=false",
@@ -240,16 +264,22 @@ def run_ours(setup: dict, work: Path, rep: int, args, lora: bool) -> dict:
     }
 
 
-def run_trl(setup: dict, work: Path, rep: int, args) -> dict:
-    out = work / setup["size"] / f"trl-r{rep}.json"
+def run_trl(setup: dict, work: Path, rep: int, args, lora: bool) -> dict:
+    name = f"trl{'-lora' if lora else ''}-r{rep}"
+    out = work / setup["size"] / f"{name}.json"
     cmd = [args.trl_python, str(BENCH / "trl_side.py"), "--policy", setup["policy_dir"],
            "--reward", setup["reward_dir"], "--prompts", setup["prompts_file"], "--out", str(out),
            "--batch", str(args.batch), "--updates", str(args.updates),
-           "--warmup", str(args.warmup), "--epochs", str(args.epochs), "--minibatches", "1",
+           "--warmup", str(args.warmup), "--epochs", str(args.epochs),
+           "--minibatches", str(args.minibatches),
            "--response-length", str(args.response_length), "--temperature", "0.7",
            "--kl-coef", "0.05", "--lr", "3e-6", "--missing-eos-penalty", "1.0",
            "--threads", str(args.threads)]
-    proc = run_child(cmd, work / "logs" / f"{setup['size']}-trl-r{rep}.log", args.threads)
+    if lora:
+        # Our LoRA row's settings: r 16, alpha 32, every linear layer, its learning rate.
+        cmd[cmd.index("--lr") + 1] = "2e-4"
+        cmd += ["--lora-r", "16", "--lora-alpha", "32"]
+    proc = run_child(cmd, work / "logs" / f"{setup['size']}-{name}.log", args.threads)
     res = json.loads(out.read_text())
     w = args.warmup
     return {
@@ -309,7 +339,7 @@ def summarize_side(runs: list[dict]) -> dict:
     return out
 
 
-def flops_figure(setup: dict, ours: dict, limits: dict, args) -> dict:
+def flops_figure(setup: dict, ours: dict, limits: dict, args, lora: bool) -> dict:
     """Achieved FLOP/s of our score and train phases vs the measured matmul peak.
 
     Counts the work PPO needs, not what an implementation happens to do: the trunk runs on
@@ -317,8 +347,9 @@ def flops_figure(setup: dict, ours: dict, limits: dict, args) -> dict:
     - 1): the state after the final token predicts and values nothing), the LM head (the tied
     embedding matrix) only on the response positions whose log-probs are used; critic and RM
     trunks on the same positions (their embedding is a lookup, their head a vector). Train:
-    6 * FLOPs-per-token terms per pass, policy + critic, times PPO epochs, less the forward of
-    epoch 1's first minibatch, which is the evaluation forward. Score: 2 * the same for policy,
+    6 * FLOPs-per-token terms per pass (4 with LoRA: frozen weights need no weight gradient;
+    the adapters' own FLOPs are ignored), policy + critic, times PPO epochs, less the forward
+    of epoch 1's first minibatch, which is the evaluation forward. Score: 2 * the same for policy,
     reference, critic and RM. Attention score FLOPs are ignored.
     """
     positions = args.batch * (setup["prompt_tokens"]["max"] + args.response_length - 1)
@@ -328,8 +359,9 @@ def flops_figure(setup: dict, ours: dict, limits: dict, args) -> dict:
     n_critic = setup["reward_params"] - setup["embedding_params"]
     policy_pass = positions * n_trunk + responses * n_head
     critic_pass = positions * n_critic
-    minibatches = 1  # what run_ours sets
-    train_flops = (args.epochs * 6 - 2 / minibatches) * (policy_pass + critic_pass)
+    minibatches = args.minibatches
+    per_pass = 4 if lora else 6
+    train_flops = (args.epochs * per_pass - 2 / minibatches) * (policy_pass + critic_pass)
     score_flops = 2 * (2 * policy_pass + 2 * critic_pass)
     tokens = positions
     n_policy = setup["policy_params"]
@@ -376,17 +408,23 @@ def ours_versions(python: str) -> dict:
     return json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr[-500:]}
 
 
+def trl_reference(sides: dict, side: str) -> dict | None:
+    """The TRL row a side is compared with: LoRA with LoRA where TRL ran one, else full."""
+    if side.endswith("_lora") and "trl_lora" in sides:
+        return sides["trl_lora"]
+    return sides.get("trl")
+
+
 def fmt_rows(size_result: dict) -> list[str]:
     sides = size_result["sides"]
-    trl = sides.get("trl")
     lines = ["| side | median s/update [min–max] | updates/s vs TRL | rollout tokens/s "
              "| peak RSS MB (vs TRL) | phase split gen/score/train |",
              "|---|---|---|---|---|---|"]
-    labels = {"ours": "ours, full", "trl": "TRL 1.12, full", "ours_lora": "ours, LoRA r=16"}
     for side in SIDES:
         s = sides.get(side)
         if s is None:
             continue
+        trl = trl_reference(sides, side)
         ratio = f"{trl['s_per_update_median'] / s['s_per_update_median']:.2f}x" if trl else "–"
         rss = f"{s['peak_rss_mb']:.0f}"
         if trl:
@@ -394,7 +432,7 @@ def fmt_rows(size_result: dict) -> list[str]:
         split = s.get("phase_split")
         split = ("/".join(f"{100 * split[p]:.0f}%" for p in ("generate", "score", "train"))
                  if split else f"gen {s['generate_s_median']:.2f}s")
-        lines.append(f"| {labels[side]} | {s['s_per_update_median']:.2f} "
+        lines.append(f"| {LABELS[side]} | {s['s_per_update_median']:.2f} "
                      f"[{s['s_per_update_min']:.2f}–{s['s_per_update_max']:.2f}] | {ratio} "
                      f"| {s['rollout_tokens_per_s']:.0f} | {rss} | {split} |")
     return lines
@@ -407,8 +445,8 @@ def write_markdown(result: dict, path: Path) -> None:
              f"{result['finished']}; {result['machine'].get('Model name', '?')}, "
              f"{result['machine'].get('cpu_count')} CPUs; threads {a['threads']} per side "
              f"(torch.set_num_threads + OMP_NUM_THREADS); batch {a['batch']}, "
-             f"{a['response_length']} new tokens at T=0.7, {a['epochs']} PPO epochs x 1 "
-             f"minibatch, KL coef 0.05 fixed, fp32, {a['reps']} reps x {a['updates']} timed "
+             f"{a['response_length']} new tokens at T=0.7, {a['epochs']} PPO epochs x "
+             f"{a['minibatches']} minibatch(es), KL coef 0.05 fixed, fp32, {a['reps']} reps x {a['updates']} timed "
              f"updates per side (+{a['warmup']} warm-up each), order {' / '.join(a['order'])}.",
              ""]
     load = result["machine"].get("loadavg_start", [0.0])[0]
@@ -434,9 +472,11 @@ def write_markdown(result: dict, path: Path) -> None:
             f"(ours/HF {g['ours_vs_hf']:.2f}x).",
         ]
         if f:
+            ours_row = r["sides"][f["side"]]
             lines.append(
                 f"- Train phase: {f['train_gflop_per_update']:.1f} GFLOP/update in "
-                f"{r['sides']['ours']['train_s_median']:.2f} s = {f['train_gflops']:.1f} GFLOP/s; "
+                f"{ours_row['train_s_median']:.2f} s ({LABELS[f['side']]}) = "
+                f"{f['train_gflops']:.1f} GFLOP/s; "
                 f"score+train {f['score_and_train_gflops']:.1f} GFLOP/s; fp32 matmul peak "
                 f"({r['limits']['matmul']['size']}^2, {a['threads']} threads) "
                 f"{f['matmul_peak_gflops']:.1f} GFLOP/s: train at "
@@ -465,7 +505,7 @@ def main(argv=None) -> int:
     keep = args.workdir is not None
     work = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="bench-ppo-"))
     work.mkdir(parents=True, exist_ok=True)
-    order = ["ours", "trl"] + ([] if args.no_lora else ["ours_lora"])
+    order = args.sides
     started = time.time()
     command = shlex.join([os.path.relpath(sys.executable, ROOT)
                           if sys.executable.startswith(str(ROOT)) else sys.executable,
@@ -477,7 +517,8 @@ def main(argv=None) -> int:
         "settings": {"quick": args.quick, "reps": args.reps, "updates": args.updates,
                      "warmup": args.warmup, "sizes": args.sizes, "threads": args.threads,
                      "batch": args.batch, "response_length": args.response_length,
-                     "epochs": args.epochs, "minibatches": 1, "temperature": 0.7,
+                     "epochs": args.epochs, "minibatches": args.minibatches,
+                     "temperature": 0.7,
                      "kl_coef": 0.05, "order": order, "data": str(DATA.relative_to(ROOT)),
                      "max_prompt_tokens": MAX_PROMPT_TOKENS,
                      "stop": "both sides stop each row at EOS (ours: generation stops when "
@@ -497,8 +538,8 @@ def main(argv=None) -> int:
             for rep in range(args.reps):
                 for side in order:
                     t1 = time.time()
-                    if side == "trl":
-                        res = run_trl(setup, work, rep, args)
+                    if side.startswith("trl"):
+                        res = run_trl(setup, work, rep, args, lora=side == "trl_lora")
                         result["versions"]["trl_side"] = res["versions"]
                     else:
                         res = run_ours(setup, work, rep, args, lora=side == "ours_lora")
@@ -510,12 +551,16 @@ def main(argv=None) -> int:
             sides = {side: summarize_side(r) for side, r in runs.items()}
             size_result = {"setup": setup, "limits": limits, "sides": sides, "runs": runs,
                            "seconds": time.time() - t0}
-            if "trl" in sides:
-                for s in sides.values():
-                    s["updates_per_s_vs_trl"] = s["updates_per_s"] / sides["trl"]["updates_per_s"]
-                    s["peak_rss_vs_trl"] = s["peak_rss_mb"] / sides["trl"]["peak_rss_mb"]
-            if "ours" in sides:
-                size_result["flops"] = flops_figure(setup, sides["ours"], limits, args)
+            for side, s in sides.items():
+                trl = trl_reference(sides, side)
+                if trl is not None:
+                    s["updates_per_s_vs_trl"] = s["updates_per_s"] / trl["updates_per_s"]
+                    s["peak_rss_vs_trl"] = s["peak_rss_mb"] / trl["peak_rss_mb"]
+            ours_side = next((x for x in ("ours", "ours_lora") if x in sides), None)
+            if ours_side is not None:
+                size_result["flops"] = {"side": ours_side,
+                                        **flops_figure(setup, sides[ours_side], limits, args,
+                                                     lora=ours_side == "ours_lora")}
             result["sizes"][size] = size_result
     finally:
         if not keep:

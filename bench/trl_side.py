@@ -40,6 +40,9 @@ def main() -> int:
     p.add_argument("--missing-eos-penalty", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora-r", type=int, default=0,
+                   help="train a peft LoRA adapter of this rank on the policy (0: full)")
+    p.add_argument("--lora-alpha", type=int, default=32)
     args = p.parse_args()
 
     t_process = time.time()
@@ -69,9 +72,20 @@ def main() -> int:
         return AutoModelForSequenceClassification.from_pretrained(
             args.reward, num_labels=1, dtype=torch.float32)
 
-    policy, ref_policy = causal_lm(), causal_lm()
+    peft_config = None
+    if args.lora_r:
+        from peft import LoraConfig
+
+        # TRL's peft path adapts the policy only: its reference is the policy with the adapter
+        # disabled, and the value model still trains in full.
+        peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    policy = causal_lm()
+    ref_policy = None if peft_config else causal_lm()
     reward_model, value_model = scorer(), scorer()
     for m in (policy, ref_policy, reward_model, value_model):
+        if m is None:
+            continue
         m.config.pad_token_id = tok.pad_token_id
 
     with open(args.prompts) as f:
@@ -138,12 +152,14 @@ def main() -> int:
             train_dataset=dataset,
             value_model=value_model,
             callbacks=[Timer()],
+            peft_config=peft_config,
         )
         t_setup = time.time() - t_process
         trainer.train()
 
     per_update = [b - a for a, b in zip(marks, marks[1:])]
     n_params = sum(p.numel() for p in policy.parameters())
+    n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     result = {
         "side": "trl",
         "update_seconds": per_update,
@@ -153,6 +169,8 @@ def main() -> int:
         "setup_seconds": t_setup,
         "threads": torch.get_num_threads(),
         "policy_params": n_params,
+        "trainable_params_policy_and_value": n_trainable,
+        "lora_r": args.lora_r,
         "peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                      "transformers": transformers.__version__, "trl": trl.__version__,
