@@ -23,7 +23,7 @@ endif
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install sft label rm ppo dpo eval report pipeline seeds status test test-all lint data bench bench-135m bench-setup clean clean-runs
+.PHONY: install sft label rm ppo dpo eval report pipeline seeds status test test-all lint data bench bench-135m bench-rloo bench-setup clean clean-runs
 
 install: $(STAMP)
 
@@ -85,6 +85,11 @@ $(TRL_STAMP):
 # Ours vs TRL 1.12 PPO on the same tiny models, interleaved; writes bench/results/.
 bench: install bench-setup
 	$(BIN)/python bench/ppo_vs_trl.py $(BENCH_ARGS)
+
+# Our RLOO (ppo.advantage_estimator=rloo, k = 4) vs current trl's RLOOTrainer, same harness.
+bench-rloo: install
+	$(BIN)/python bench/ppo_vs_trl.py --sides ours_rloo,trl_rloo --k 4 \
+		--out bench/results/rloo_vs_trl $(BENCH_ARGS)
 
 # The default run's model and PPO settings (SmolLM2-135M-Instruct, LoRA r 16 on both sides,
 # batch 16, 40 new tokens, 2 epochs x 4 minibatches), and its sampler against the limit.

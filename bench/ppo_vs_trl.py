@@ -45,9 +45,13 @@ SIZES = {
     "135m": None,
 }
 MAX_PROMPT_TOKENS = 64
-SIDES = ("ours", "trl", "ours_lora", "trl_lora")
+SIDES = ("ours", "trl", "ours_lora", "trl_lora", "ours_rloo", "trl_rloo")
 LABELS = {"ours": "ours, full", "trl": "TRL 1.12, full", "ours_lora": "ours, LoRA r=16",
-          "trl_lora": "TRL 1.12, LoRA r=16 (peft)"}
+          "trl_lora": "TRL 1.12, LoRA r=16 (peft)", "ours_rloo": "ours, RLOO, full",
+          "trl_rloo": "TRL RLOOTrainer (current trl), full"}
+# The TRL row each of ours is compared with (a LoRA row with TRL's LoRA row where one ran).
+REFERENCE = {"ours": "trl", "trl": "trl", "ours_lora": "trl_lora", "trl_lora": "trl_lora",
+             "ours_rloo": "trl_rloo", "trl_rloo": "trl_rloo"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="new tokens per response [32; quick 8]")
     p.add_argument("--epochs", type=int, default=None, help="PPO epochs [4; quick 1]")
     p.add_argument("--minibatches", type=int, default=1, help="PPO minibatches per epoch [1]")
+    p.add_argument("--k", type=int, default=4,
+                   help="RLOO rows: samples per prompt; batch / k prompts per update [4]")
     p.add_argument("--sides", default="ours,trl,ours_lora",
                    help=f"comma list of {list(SIDES)}, run in this order [ours,trl,ours_lora]")
     p.add_argument("--no-lora", action="store_true", help="skip our LoRA row")
@@ -96,6 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"unknown side {s!r}; choose from {list(SIDES)}")
     if args.no_lora:
         args.sides = [s for s in args.sides if not s.endswith("_lora")]
+    if any(s.endswith("rloo") for s in args.sides) and args.batch % args.k:
+        p.error(f"--batch {args.batch} must be a multiple of --k {args.k} for the RLOO rows")
     args.warmup = 1
     return args
 
@@ -214,7 +222,7 @@ def build_setup(size: str, work: Path, args) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def ours_cmd(setup: dict, work: Path, name: str, args, lora: bool) -> list[str]:
+def ours_cmd(setup: dict, work: Path, name: str, args, lora: bool, rloo: bool) -> list[str]:
     over = [
         f"run.root={work / setup['size'] / 'runs'}", f"run.name={name}", "run.overwrite=true",
         f"run.threads={args.threads}", "run.device=cpu", "run.seed=0",
@@ -235,12 +243,17 @@ def ours_cmd(setup: dict, work: Path, name: str, args, lora: bool) -> list[str]:
     ]
     if lora:
         over += ["ppo.lora.r=16", "ppo.lora.alpha=32", "ppo.lr=2e-4", "ppo.critic_lr=2e-4"]
+    if rloo:
+        # The same responses per update: batch / k prompts, each sampled k times.
+        over += ["ppo.advantage_estimator=rloo", f"ppo.samples_per_prompt={args.k}",
+                 f"ppo.batch_size={args.batch // args.k}"]
     return [args.ours_python, "-m", "pipeline.cli", "ppo", *over]
 
 
-def run_ours(setup: dict, work: Path, rep: int, args, lora: bool) -> dict:
-    name = f"{'lora' if lora else 'full'}-r{rep}"
-    cmd = ours_cmd(setup, work, name, args, lora)
+def run_ours(setup: dict, work: Path, rep: int, args, side: str) -> dict:
+    lora, rloo = side == "ours_lora", side == "ours_rloo"
+    name = f"{'lora' if lora else 'rloo' if rloo else 'full'}-r{rep}"
+    cmd = ours_cmd(setup, work, name, args, lora, rloo)
     proc = run_child(cmd, work / "logs" / f"{setup['size']}-ours-{name}.log", args.threads)
     path = work / setup["size"] / "runs" / name / "ppo"
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()
@@ -292,6 +305,25 @@ def run_trl(setup: dict, work: Path, rep: int, args, lora: bool) -> dict:
         "threads": res["threads"],
         "command": shlex.join(cmd),
     }
+
+
+def run_trl_rloo(setup: dict, work: Path, rep: int, args) -> dict:
+    out = work / setup["size"] / f"trl-rloo-r{rep}.json"
+    cmd = [args.ours_python, str(BENCH / "trl_rloo_side.py"), "--policy", setup["policy_dir"],
+           "--reward", setup["reward_dir"], "--prompts", setup["prompts_file"], "--out", str(out),
+           "--prompts-per-update", str(args.batch // args.k), "--k", str(args.k),
+           "--updates", str(args.updates), "--warmup", str(args.warmup),
+           "--epochs", str(args.epochs), "--minibatches", str(args.minibatches),
+           "--response-length", str(args.response_length), "--temperature", "0.7",
+           "--kl-coef", "0.05", "--lr", "3e-6", "--threads", str(args.threads)]
+    proc = run_child(cmd, work / "logs" / f"{setup['size']}-trl-rloo-r{rep}.log", args.threads)
+    res = json.loads(out.read_text())
+    w = args.warmup
+    return {**proc, "update_seconds": res["update_seconds"][w:],
+            "generate_seconds": res["generate_seconds"][w:],
+            "generated_tokens": res["generated_tokens"][w:],
+            "setup_seconds": res["setup_seconds"], "versions": res["versions"],
+            "threads": res["threads"], "command": shlex.join(cmd)}
 
 
 def run_limits(setup: dict, work: Path, args) -> dict:
@@ -409,10 +441,8 @@ def ours_versions(python: str) -> dict:
 
 
 def trl_reference(sides: dict, side: str) -> dict | None:
-    """The TRL row a side is compared with: LoRA with LoRA where TRL ran one, else full."""
-    if side.endswith("_lora") and "trl_lora" in sides:
-        return sides["trl_lora"]
-    return sides.get("trl")
+    """The TRL row a side is compared with: its own kind where TRL ran one, else TRL full PPO."""
+    return sides.get(REFERENCE[side]) or sides.get("trl")
 
 
 def fmt_rows(size_result: dict) -> list[str]:
@@ -440,7 +470,9 @@ def fmt_rows(size_result: dict) -> list[str]:
 
 def write_markdown(result: dict, path: Path) -> None:
     a = result["settings"]
-    lines = [f"# PPO: ours vs TRL {result['versions']['trl_side'].get('trl', '1.12.0')}"
+    trl = result["versions"].get("trl_side", {}).get("trl", "1.12.0")
+    rloo = result["versions"].get("trl_rloo_side", {}).get("trl")
+    lines = [f"# PPO: ours vs TRL {trl}" + (f"; RLOO: ours vs TRL {rloo}" if rloo else "")
              + (" (SMOKE RUN, not a result)" if a["quick"] else ""), "",
              f"{result['finished']}; {result['machine'].get('Model name', '?')}, "
              f"{result['machine'].get('cpu_count')} CPUs; threads {a['threads']} per side "
@@ -538,11 +570,14 @@ def main(argv=None) -> int:
             for rep in range(args.reps):
                 for side in order:
                     t1 = time.time()
-                    if side.startswith("trl"):
+                    if side == "trl_rloo":
+                        res = run_trl_rloo(setup, work, rep, args)
+                        result["versions"]["trl_rloo_side"] = res["versions"]
+                    elif side.startswith("trl"):
                         res = run_trl(setup, work, rep, args, lora=side == "trl_lora")
                         result["versions"]["trl_side"] = res["versions"]
                     else:
-                        res = run_ours(setup, work, rep, args, lora=side == "ours_lora")
+                        res = run_ours(setup, work, rep, args, side)
                     runs[side].append(res)
                     med = statistics.median(res["update_seconds"])
                     print(f"[bench] {size} rep {rep} {side}: {med:.2f} s/update, "
