@@ -100,6 +100,19 @@ def setting(default: Any, check: OneOf | Range) -> Any:
     return field(default=default, metadata={"check": check})
 
 
+def fields_in_order(cls: type) -> list[dataclasses.Field]:
+    """A section's fields in the order help, ``config show`` and config.yaml list them: the
+    section's own first, then each shared group's (the nearest base first), so a stage's
+    inputs come before the optimizer settings it shares with the others."""
+    mro = [k for k in cls.__mro__ if dataclasses.is_dataclass(k)]
+
+    def home(f: dataclasses.Field) -> int:
+        # The base that first declares the field; a restated default does not move it.
+        return max(i for i, k in enumerate(mro) if f.name in vars(k).get("__annotations__", {}))
+
+    return sorted(dataclasses.fields(cls), key=home)
+
+
 def field_check(cls: type, name: str) -> OneOf | Range | None:
     """The check of field ``name`` of ``cls``: its own, else the nearest base class's."""
     for klass in cls.__mro__:
@@ -647,7 +660,7 @@ def _field_problems(section: Any, prefix: str) -> list[str]:
     written at the field."""
     problems = []
     hints = _hints(type(section))
-    for f in dataclasses.fields(section):
+    for f in fields_in_order(type(section)):
         key, value = f"{prefix}.{f.name}", getattr(section, f.name)
         if dataclasses.is_dataclass(value):
             problems += _field_problems(value, key)
@@ -1147,8 +1160,15 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] = ()
     return cfg
 
 
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: Any) -> Any:
+    """``dataclasses.asdict``, each section's keys in ``fields_in_order``."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in fields_in_order(type(cfg))}
+    if isinstance(cfg, dict):
+        return {key: to_dict(value) for key, value in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return type(cfg)(to_dict(value) for value in cfg)
+    return copy.deepcopy(cfg)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import config as config_module
-from pipeline.config import Config, _type_name
+from pipeline.config import Config, _type_name, fields_in_order, to_dict
 
 # The sections each command reads besides the shared model, data, tracking and run.
 STAGE_SECTIONS = {"sft": ("sft",), "label": ("label",), "rm": ("rm",), "ppo": ("ppo",),
@@ -69,7 +69,7 @@ def field_doc(cls: type, name: str) -> str:
 
 def _show(value: Any) -> str:
     """A default as it would be written in YAML (JSON is valid YAML flow style)."""
-    return json.dumps(value, default=dataclasses.asdict, ensure_ascii=False)
+    return json.dumps(value, default=to_dict, ensure_ascii=False)
 
 
 def section_keys(cls: type, prefix: str, value: Any = None) -> list[Key]:
@@ -78,7 +78,7 @@ def section_keys(cls: type, prefix: str, value: Any = None) -> list[Key]:
     value = cls() if value is None else value
     hints = typing.get_type_hints(cls)
     keys = []
-    for f in dataclasses.fields(cls):
+    for f in fields_in_order(cls):
         tp, name, current = hints[f.name], f"{prefix}.{f.name}", getattr(value, f.name)
         if dataclasses.is_dataclass(tp):
             keys += section_keys(tp, name, current)

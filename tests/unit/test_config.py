@@ -135,11 +135,16 @@ def test_list_item_override_problems_one_line_each_all_at_once(capsys):
 
 def test_shared_training_fields_keep_their_check_under_each_stage_default():
     """sft, rm and dpo share one optimizer/loop group; each restates only its own defaults,
-    and a restated field keeps the group's check."""
+    and a restated field keeps the group's check. Problems come in the order help lists the
+    keys: a section's own, then the shared ones."""
     cfg = Config()
     assert (cfg.sft.lr, cfg.rm.lr, cfg.dpo.lr) == (2e-4, 1e-5, 5e-6)
     assert (cfg.sft.lr_scheduler, cfg.rm.lr_scheduler, cfg.dpo.lr_scheduler) == (
         "cosine", "linear", "linear")
+    rm_keys = list(to_dict(cfg)["rm"])
+    assert rm_keys[:3] == ["base", "sft", "data"]
+    assert rm_keys[-2:] == ["mixed_precision", "gradient_checkpointing"]
+    assert rm_keys.index("margin") < rm_keys.index("epochs") < rm_keys.index("lr")
     with pytest.raises(ConfigError) as exc:
         load_config(None, ["sft.lr=0", "rm.lr=-1", "dpo.lr_scheduler=step",
                            "ppo.lr_scheduler=cosine", "rm.warmup_ratio=1",
@@ -148,9 +153,9 @@ def test_shared_training_fields_keep_their_check_under_each_stage_default():
         "sft.lr=0.0: expected > 0",
         "rm.lr=-1.0: expected > 0",
         "rm.warmup_ratio=1.0: expected in [0, 1)",
-        "ppo.mixed_precision='fp8': expected one of no, bf16, fp16",
         "ppo.num_minibatches=0: expected > 0",
         "ppo.lr_scheduler='cosine': expected one of linear, constant",
+        "ppo.mixed_precision='fp8': expected one of no, bf16, fp16",
         "dpo.lr_scheduler='step': expected one of linear, cosine, constant",
     ]
 
