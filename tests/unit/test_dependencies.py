@@ -1,4 +1,5 @@
-"""pyproject.toml declares what the package (pipeline/, stages/) imports, and nothing else."""
+"""pyproject.toml declares what the package (pipeline/, stages/) imports, and nothing else; the
+package's own modules import one another one way (no cycle)."""
 
 from __future__ import annotations
 
@@ -29,16 +30,26 @@ def _normal(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _imported() -> set[str]:
-    """The top-level modules the package imports, the standard library and itself left out."""
-    names: set[str] = set()
+def _modules() -> dict[str, set[str]]:
+    """``{module: every module it imports}``, imports inside functions included."""
+    found: dict[str, set[str]] = {}
     for folder in ("pipeline", "stages"):
-        for path in sorted((REPO / folder).rglob("*.py")):
+        for path in sorted((REPO / folder).glob("*.py")):
+            name = folder if path.stem == "__init__" else f"{folder}.{path.stem}"
+            names = found.setdefault(name, set())
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
                 if isinstance(node, ast.Import):
-                    names |= {alias.name.split(".")[0] for alias in node.names}
+                    names |= {alias.name for alias in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                    names.add(node.module.split(".")[0])
+                    # `from pipeline import hub` names a module, `from pipeline.x import y` not.
+                    names |= ({f"{node.module}.{a.name}" for a in node.names}
+                              if node.module in ("pipeline", "stages") else {node.module})
+    return found
+
+
+def _imported() -> set[str]:
+    """The top-level modules the package imports, the standard library and itself left out."""
+    names = {n.split(".")[0] for imports in _modules().values() for n in imports}
     return {n for n in names if n not in sys.stdlib_module_names and n not in ("pipeline", "stages")}
 
 
@@ -58,3 +69,26 @@ def test_every_dependency_is_imported_and_every_import_is_a_dependency():
     assert [n for n in needed if not provider[n] & declared] == [], "imported, not declared"
     used = set().union(*provider.values()) | {_normal(n) for n in UNIMPORTED}
     assert sorted(declared - used) == [], "declared, never imported"
+
+
+def test_the_package_modules_import_one_another_without_a_cycle():
+    modules = _modules()
+    graph = {m: {d for d in deps if d in modules} for m, deps in modules.items()}
+    cycles, state, path = [], {}, []
+
+    def visit(module: str) -> None:
+        state[module] = "open"
+        path.append(module)
+        for dep in sorted(graph[module]):
+            if state.get(dep) == "open":
+                cycles.append(" -> ".join([*path[path.index(dep):], dep]))
+            elif dep not in state:
+                visit(dep)
+        path.pop()
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    assert len(graph) > 20 and graph["pipeline.hub"]
+    assert cycles == []
