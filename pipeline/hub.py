@@ -25,8 +25,8 @@ import yaml
 
 from pipeline.config import Config, RunConfig, hub_repo_id, to_dict
 from pipeline.errors import PipelineError
+from pipeline.files import read_manifest
 from pipeline.models import PACKAGED, PACKAGED_ORIGIN
-from pipeline.rundir import read_manifest
 
 CARD = "README.md"
 NORMALIZATION_KEY = "reward_normalization"

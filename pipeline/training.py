@@ -40,8 +40,9 @@ from transformers import get_scheduler
 from pipeline import sharding
 from pipeline.config import Config, flatten, key_matches, to_dict, to_yaml
 from pipeline.errors import PipelineError
+from pipeline.files import apply_umask, atomic_write_text
 from pipeline.models import plain_copy
-from pipeline.rundir import apply_umask, atomic_write_text, latest_checkpoint
+from pipeline.rundir import latest_checkpoint
 from pipeline.runtime import rng_state, set_rng_state
 
 KEEP_CHECKPOINTS = 2

@@ -50,6 +50,7 @@ from trl import DPOConfig, DPOTrainer
 from pipeline.config import Config, to_yaml
 from pipeline.data import RankedExample, column_map, load_prompts, load_ranked
 from pipeline.errors import PipelineError
+from pipeline.files import apply_umask, atomic_write_text
 from pipeline.models import (
     load_policy,
     merged,
@@ -60,7 +61,7 @@ from pipeline.models import (
     trainable_parameters,
 )
 from pipeline.progress import progress
-from pipeline.rundir import StageDir, apply_umask, atomic_write_text
+from pipeline.rundir import StageDir
 from pipeline.runtime import prepare_process
 from pipeline.text import encode_prompt, greedy_samples
 from pipeline.tracking import Tracker

@@ -50,7 +50,6 @@ from stages.rewards import length_bounds, load_checked_judge, no_headword, profa
 from stages.scoring import PolicyModel, ScoreModel
 
 LETTERS = ("A", "B", "C", "D")
-POLICIES = ("base", "sft", "bon", "ppo", "dpo")
 # Policies trained from the SFT policy by a stage of that name, whose folder eval.<name> gives
 # ("" = the run's, skipped when absent): each is sampled and measured like SFT, with its KL to
 # SFT, and its snapshots/ join the overoptimization view. A new one is an entry here, in
