@@ -44,10 +44,8 @@ from pipeline.text import decode, encode_prompt, eos_ids, generate, pad, pad_pro
 from pipeline.tracking import Tracker
 from pipeline.training import NonFiniteError
 from stages import ops
-from stages.ppo import response_logprobs
-from stages.reward import score_sequences
 from stages.rewards import length_bounds, load_checked_judge, no_headword, profanity_cost
-from stages.scoring import PolicyModel, ScoreModel
+from stages.scoring import PolicyModel, ScoreModel, response_logprobs, score_sequences
 
 LETTERS = ("A", "B", "C", "D")
 POLICIES = ("base", "sft", "bon", "ppo", "dpo")

@@ -75,7 +75,13 @@ from pipeline.training import (
 )
 from stages import ops
 from stages.rewards import call_user, checked_values, load_checked_judge, resolve_rule
-from stages.scoring import PolicyModel, ScoreModel, sequence_scores
+from stages.scoring import (
+    PolicyModel,
+    ScoreModel,
+    joined_inputs,
+    response_logprobs,
+    sequence_scores,
+)
 
 
 @dataclass
@@ -117,26 +123,9 @@ def rollout_tensors(prompts: list[list[int]], responses: list[list[int]], pad_id
     return query, query_mask, response, mask, has_eos, lengths
 
 
-def _inputs(query, query_mask, response, mask):
-    ids = torch.cat([query, response], dim=1)                 # (B, P+T)
-    attention = torch.cat([query_mask, mask.long()], dim=1)   # (B, P+T)
-    return ids, attention
-
-
-def response_logprobs(policy: PolicyModel, query, query_mask, response, mask,
-                      temperature: float, entropy: str = "none"):
-    """(B, T) log-probs of the response tokens at the sampling temperature, 0 past each
-    response's end; and (B, T) entropies when asked (see PolicyModel)."""
-    ids, attention = _inputs(query, query_mask, response, mask)
-    scored = torch.cat([torch.zeros_like(query_mask), mask.long()], dim=1)  # (B, P+T)
-    logp, ent = policy(ids, attention, scored, temperature, entropy)
-    p = query.shape[1]
-    return logp[:, p:], (None if ent is None else ent[:, p:])
-
-
 def critic_values(critic, query, query_mask, response, mask) -> torch.Tensor:
     """(B, T, C) value estimates of the states before each response token."""
-    ids, attention = _inputs(query, query_mask, response, mask)
+    ids, attention = joined_inputs(query, query_mask, response, mask)
     p = query.shape[1]
     # The state after the last token has no value to estimate: the trunk stops before it.
     return critic(ids[:, :-1], attention[:, :-1])[:, p - 1:]
@@ -433,7 +422,7 @@ def run(cfg: Config) -> Path:
         t1 = time.time()
         texts = [decode(tok, r) for r in responses]
         metas = [{"word": p.word, "reference": p.reference} for p in batch_prompts]
-        ids, attention = _inputs(query, query_mask, response, mask)
+        ids, attention = joined_inputs(query, query_mask, response, mask)
         with accelerator.autocast():
             scores, costs, parts = reward_fn(ids, attention, [p.prompt for p in batch_prompts],
                                              texts, metas, has_eos)

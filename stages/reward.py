@@ -42,7 +42,7 @@ from pipeline.models import (
 from pipeline.progress import progress
 from pipeline.rundir import Parent, StageDir, check_same_tokenizer, open_parent, stage_dir
 from pipeline.runtime import make_accelerator
-from pipeline.text import encode_prompt, generate, pad
+from pipeline.text import encode_prompt, generate
 from pipeline.tracking import Tracker
 from pipeline.training import (
     Guard,
@@ -58,7 +58,7 @@ from pipeline.training import (
 )
 from stages.judge import gold_ranks
 from stages.ops import bradley_terry_loss, bradley_terry_pairs, expected_calibration_error
-from stages.scoring import ScoreModel, sequence_scores
+from stages.scoring import ScoreModel, padded, score_sequences, sequence_scores
 
 # Held-out prompts whose responses and rewards go to samples.jsonl.
 NUM_SAMPLES = 4
@@ -118,11 +118,6 @@ def encode_group(tok, prompt: str | list[dict], responses: tuple[str, ...], max_
     return tuple(sequences), truncated
 
 
-def padded(sequences, pad_id: int) -> dict[str, torch.Tensor]:
-    return {"input_ids": pad(sequences, pad_id, side="right"),
-            "attention_mask": pad([[1] * len(s) for s in sequences], 0, side="right")}
-
-
 def collate(groups: list[Group], pad_id: int) -> dict[str, torch.Tensor]:
     """Every response of every prompt in one padded batch, plus the pairs its ranks imply."""
     chosen, rejected, weight = bradley_terry_pairs([g.ranks for g in groups])
@@ -146,24 +141,8 @@ def ranked_loss(scorer: torch.nn.Module, batch: dict[str, torch.Tensor], margin:
 
 
 # ---------------------------------------------------------------------------------------------
-# Scoring and evaluation (unwrapped model: shards differ in size, so no DDP collectives here)
+# Evaluation (unwrapped model: shards differ in size, so no DDP collectives here)
 # ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def score_sequences(scorer: torch.nn.Module, sequences, pad_id: int, batch_size: int,
-                    device: torch.device, groups: torch.Tensor | None = None) -> torch.Tensor:
-    """(N,) rewards on the CPU, in ``batch_size`` chunks; ``groups`` (N,) as in collate."""
-    was_training = scorer.training
-    scorer.eval()
-    out = []
-    for start in range(0, len(sequences), batch_size):
-        batch = padded(sequences[start: start + batch_size], pad_id)
-        chunk = None if groups is None else groups[start: start + batch_size].to(device)
-        out.append(sequence_scores(scorer, batch["input_ids"].to(device),
-                                   batch["attention_mask"].to(device), groups=chunk).cpu())
-    scorer.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
 
 
 def pair_gaps(rewards: torch.Tensor, rankings: list[tuple[int, ...]]) -> list[float]:

@@ -132,8 +132,8 @@ def test_normalized_score_of_sft_samples_is_mean_0_std_1_as_ppo_reads_it(
     from pipeline.config import PPOConfig, RewardComponent
     from pipeline.models import load_policy, load_reward_model
     from pipeline.text import eos_ids
-    from stages.ppo import RewardFunction, _inputs, rollout_tensors
-    from stages.scoring import ScoreModel, sequence_scores
+    from stages.ppo import RewardFunction, rollout_tensors
+    from stages.scoring import ScoreModel, joined_inputs, sequence_scores
 
     cfg = rm_config(sft_dir.parents[1], "norm", sft_dir, "rm.norm_samples=12")
     tok = load_tokenizer(str(sft_dir / "model"), cfg.model)
@@ -158,7 +158,7 @@ def test_normalized_score_of_sft_samples_is_mean_0_std_1_as_ppo_reads_it(
     ppo_cfg = PPOConfig(rewards=[RewardComponent(type="model")], reward_clip=100.0,
                         missing_eos_penalty=0.0)
     fn = RewardFunction(ppo_cfg, lambda ids, att: sequence_scores(scorer, ids, att), norm)
-    score, _, parts = fn(*_inputs(query, query_mask, response, mask), [""] * 12,
+    score, _, parts = fn(*joined_inputs(query, query_mask, response, mask), [""] * 12,
                          [""] * 12, [{}] * 12, has_eos)
     assert parts["rm_raw"].mean().item() == pytest.approx(raw["norm_mean"], abs=1e-5)
     assert score.mean().item() == pytest.approx(0.0, abs=1e-5)

@@ -12,8 +12,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 import pipeline.text as text
 from pipeline.config import PPOConfig, RewardComponent
-from stages.ppo import RewardFunction, _inputs, critic_values, response_logprobs, rollout_tensors
-from stages.scoring import PolicyModel, ScoreModel, sequence_scores
+from stages.ppo import RewardFunction, critic_values, rollout_tensors
+from stages.scoring import (
+    PolicyModel,
+    ScoreModel,
+    joined_inputs,
+    response_logprobs,
+    sequence_scores,
+)
 from tests.conftest import DATA
 
 torch.set_num_threads(1)
@@ -159,7 +165,7 @@ def test_padded_critic_values_are_the_states_before_each_response_token():
 def test_reward_is_read_at_the_last_response_token():
     model = score_model()
     query, query_mask, response, mask = batch()
-    ids, attention = _inputs(query, query_mask, response, mask)
+    ids, attention = joined_inputs(query, query_mask, response, mask)
     scores = sequence_scores(ScoreModel(model), ids, attention)
     for i, (prompt, resp) in enumerate(zip(PROMPTS, RESPONSES)):
         # transformers' own pooling on an unpadded sequence reads its last token

@@ -18,9 +18,8 @@ from stages.ppo import (
     make_optimizer,
     minibatch_orders,
     ppo_update,
-    response_logprobs,
 )
-from stages.scoring import PolicyModel, ScoreModel
+from stages.scoring import PolicyModel, ScoreModel, response_logprobs
 
 torch.set_num_threads(1)
 
