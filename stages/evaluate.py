@@ -29,6 +29,7 @@ from accelerate.utils import gather_object
 from pipeline.config import Config
 from pipeline.data import PromptExample, column_map, load_prompts
 from pipeline.models import load_policy, load_reward_model, position_ids, tokenizer_sha256
+from pipeline.normalization import RewardNormalization
 from pipeline.progress import progress
 from pipeline.rundir import (
     Parent,
@@ -241,11 +242,11 @@ def sequence_kl(model, reference, tok, prompts: list[list[int]], responses: list
 class Scorers:
     """Gold judge and (optional) normalized reward model over one shard's responses."""
 
-    def __init__(self, judge, reward_model, norm: dict, tok, batch_size: int, device):
+    def __init__(self, judge, reward_model, norm: RewardNormalization | None, tok,
+                 batch_size: int, device):
         self.judge = judge
         self.reward_model = reward_model
-        self.bias = float(norm.get("norm_bias", 0.0))
-        self.scale = float(norm.get("norm_scale", 1.0))
+        self.norm = norm
         self.tok = tok
         self.batch_size = batch_size
         self.device = device
@@ -261,7 +262,7 @@ class Scorers:
             return None
         raw = score_sequences(self.reward_model, [p + t for p, t in zip(prompts, tokens)],
                               self.tok.pad_token_id, self.batch_size, self.device)
-        return ((raw + self.bias) * self.scale).tolist()
+        return self.norm.apply(raw).tolist()
 
 
 def measure(samples: Samples, examples: list[PromptExample], prompts: list[list[int]],
@@ -357,6 +358,7 @@ def run(cfg: Config) -> Path:
                for name in TRAINED}
     trained = {name: parent for name, parent in trained.items() if parent is not None}
     rm = optional_parent(cfg, "rm", c.reward_model, "eval.reward_model")
+    norm = RewardNormalization.of(rm) if rm is not None else None
     examples = load_prompts(cfg.data.eval, limit=c.num_prompts,
                             columns=column_map(cfg.data.columns, "eval"),
                             require_reference="the gold judge and the calibration probe need one")
@@ -372,7 +374,7 @@ def run(cfg: Config) -> Path:
     reward_model = None
     if rm is not None:
         reward_model = ScoreModel(load_reward_model(rm.model_dir, cfg.model, tok)).to(device)
-    scorers = Scorers(judge, reward_model, rm.extras if rm else {}, tok, c.batch_size, device)
+    scorers = Scorers(judge, reward_model, norm, tok, c.batch_size, device)
     try:
         questions = multiple_choice(examples, cfg.run.seed)[: c.calibration_questions]
     except ValueError:

@@ -50,6 +50,7 @@ from pipeline.models import (
     tokenizer_sha256,
     trainable_parameters,
 )
+from pipeline.normalization import RewardNormalization
 from pipeline.progress import progress
 from pipeline.rundir import Parent, StageDir, check_same_tokenizer, open_parent, stage_dir
 from pipeline.runtime import make_accelerator
@@ -163,11 +164,10 @@ class RewardFunction:
     """The composite score of a response: weighted learned reward, rules and costs, and the
     penalty for a response that never emitted EOS."""
 
-    def __init__(self, cfg: PPOConfig, reward_model, norm: dict):
+    def __init__(self, cfg: PPOConfig, reward_model, norm: RewardNormalization | None):
         self.cfg = cfg
         self.reward_model = reward_model
-        self.bias = float(norm.get("norm_bias", 0.0))
-        self.scale = float(norm.get("norm_scale", 1.0))
+        self.norm = norm
         self.terms = []
         for i, comp in enumerate(cfg.rewards):
             what = f'ppo.rewards[{i}] ({comp.type} "{comp.name}")'
@@ -193,8 +193,7 @@ class RewardFunction:
         for kind, label, weight, fn, what, user in self.terms:
             if kind == "model":
                 raw = self.reward_model(rollout_ids, attention).cpu()
-                value = ((raw + self.bias) * self.scale).clamp(-self.cfg.reward_clip,
-                                                               self.cfg.reward_clip)
+                value = self.norm.apply(raw).clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
                 parts["rm_raw"] = raw
             else:
                 # User code: an exception or a result that is not one finite number per
@@ -322,6 +321,7 @@ def run(cfg: Config) -> Path:
     # --- Setup ---------------------------------------------------------------------------------
     sft = open_parent(stage_dir(cfg, "sft", c.policy), "sft", "ppo.policy")
     rm = _reward_parent(cfg)
+    norm = RewardNormalization.of(rm) if rm is not None else None
     prompts = load_prompts(cfg.data.ppo, limit=c.num_prompts,
                            columns=column_map(cfg.data.columns, "ppo"))
     ptx_rows = (load_demonstrations(cfg.data.sft, columns=column_map(cfg.data.columns, "sft"))
@@ -333,7 +333,7 @@ def run(cfg: Config) -> Path:
         raise PipelineError(f"ppo.policy: {sft.path}/model tokenizer does not match its manifest")
     if rm is not None:
         check_same_tokenizer(tok_sha, rm, "ppo.reward_model")
-    reward_fn = RewardFunction(c, reward_scores, rm.extras if rm is not None else {})
+    reward_fn = RewardFunction(c, reward_scores, norm)
     stops = sorted(eos_ids(tok, policy.model))
 
     encoded = [encode_prompt(tok, p.chat, cfg.data.max_prompt_tokens) for p in prompts]
@@ -592,7 +592,7 @@ def run(cfg: Config) -> Path:
                         tokenizer_sha256=tok_sha,
                         extras={"kl_coef": kl_ctl.value, "lambda": lagrange.value,
                                 "lora": c.lora.enabled, "temperature": c.temperature,
-                                "norm": rm.extras if rm is not None else {},
+                                "norm": norm.as_extras() if norm is not None else {},
                                 **algorithm(c)})
 
 

@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from pipeline.config import Config, flatten, key_matches, to_dict  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.hub import describe_base  # noqa: E402
+from pipeline.normalization import RewardNormalization  # noqa: E402
 from pipeline.rundir import (  # noqa: E402
     MANIFEST,
     STAGES,
@@ -504,11 +505,13 @@ def rm_section(run_dir: Path, manifest: dict | None) -> str:
 
     rows = [[k.replace("eval_", ""), m.get(f"{k}_before"), m.get(f"{k}_after")] for k in labels]
     note = "" if bins else missing("The reward model's manifest has no calibration bins.")
-    norm = ""
-    if "norm_bias" in extras:
-        norm = (f'<p class="small">PPO reads this model\'s score as (score + '
-                f"{fmt(extras['norm_bias'])}) × {fmt(extras.get('norm_scale'))}: mean 0, std 1 "
-                f"on {fmt(extras.get('norm_samples'))} samples of the SFT policy.</p>")
+    try:
+        n = RewardNormalization.from_extras(extras, run_dir / "rm" / MANIFEST)
+        norm = (f'<p class="small">PPO reads this model\'s score as (score + {fmt(n.bias)}) × '
+                f"{fmt(n.scale)}: mean 0, std 1 on {fmt(n.samples)} samples of the SFT "
+                "policy.</p>")
+    except PipelineError as exc:
+        norm = missing(str(exc))
     return (figure_img("rm_accuracy", draw, "Reward model: accuracy and calibration",
                        size=(9.0, 4.2))
             + table(["metric", "before", "after"], rows) + note + norm

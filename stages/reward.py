@@ -28,7 +28,6 @@ from pipeline import sharding
 from pipeline.config import Config
 from pipeline.data import ColumnMap, PromptExample, column_map, load_prompts, load_ranked
 from pipeline.errors import PipelineError
-from pipeline.hub import store_normalization
 from pipeline.models import (
     apply_lora,
     load_policy,
@@ -39,6 +38,7 @@ from pipeline.models import (
     tokenizer_sha256,
     trainable_parameters,
 )
+from pipeline.normalization import RewardNormalization
 from pipeline.progress import progress
 from pipeline.rundir import Parent, StageDir, check_same_tokenizer, open_parent, stage_dir
 from pipeline.runtime import make_accelerator
@@ -187,8 +187,9 @@ def as_logged(metrics: dict[str, float]) -> dict[str, float]:
 
 def normalization(scorer: torch.nn.Module, policy, tok, cfg: Config,
                   accelerator: Accelerator,
-                  prompts: list[PromptExample] | None = None) -> tuple[dict, dict]:
-    """Score the SFT policy's samples on PPO prompts; (extras, raw metrics).
+                  prompts: list[PromptExample] | None = None,
+                  ) -> tuple[RewardNormalization, dict]:
+    """Score the SFT policy's samples on PPO prompts; (normalization, raw metrics).
 
     Normalizing on the policy PPO starts from puts its initial rewards at mean 0 / std 1,
     so reward_clip and the KL coefficient mean the same thing whatever the RM's scale. Sampling
@@ -198,7 +199,7 @@ def normalization(scorer: torch.nn.Module, policy, tok, cfg: Config,
     c = cfg.rm
     n = c.norm_samples
     if n == 0:
-        return {"norm_bias": 0.0, "norm_scale": 1.0, "norm_samples": 0}, {}
+        return RewardNormalization.unmeasured(), {}
     if prompts is None:
         prompts = load_prompts(cfg.data.ppo, limit=n, columns=column_map(cfg.data.columns, "ppo"))
     # Fewer prompts than samples: cycle them; sampling makes the repeats different responses.
@@ -214,13 +215,13 @@ def normalization(scorer: torch.nn.Module, policy, tok, cfg: Config,
     mean = scores.mean().item()
     # Population std: the stored scale then gives exactly std 1 on these samples.
     std = scores.std(unbiased=False).item()
-    extras = {"norm_bias": -mean, "norm_scale": 1.0 / std if std > 0 else 1.0,
-              "norm_samples": len(scores)}
-    return extras, {"norm_mean": mean, "norm_std": std}
+    norm = RewardNormalization(bias=-mean, scale=1.0 / std if std > 0 else 1.0,
+                               samples=len(scores))
+    return norm, {"norm_mean": mean, "norm_std": std}
 
 
-def sample_rows(scorer: torch.nn.Module, groups: list[Group], norm: dict, pad_id: int,
-                device: torch.device) -> list[dict]:
+def sample_rows(scorer: torch.nn.Module, groups: list[Group], norm: RewardNormalization,
+                pad_id: int, device: torch.device) -> list[dict]:
     rows = []
     for g in groups:
         rewards = score_sequences(scorer, list(g.sequences), pad_id, len(g.sequences), device,
@@ -232,7 +233,7 @@ def sample_rows(scorer: torch.nn.Module, groups: list[Group], norm: dict, pad_id
                 "rank": g.ranks[k],
                 "gold_rank": g.gold[k] if g.gold else None,
                 "reward": reward,
-                "normalized_reward": (reward + norm["norm_bias"]) * norm["norm_scale"],
+                "normalized_reward": norm.apply(reward),
             })
     return rows
 
@@ -414,7 +415,7 @@ def run(cfg: Config) -> Path:
     })
     if accelerator.is_main_process:
         # In its config.json too, so a plain transformers loader finds it (pipeline.hub).
-        store_normalization(reward_model.config, norm)
+        norm.store_in(reward_model.config)
         save_pretrained_atomic(reward_model, tok, stage.path / "model")
     accelerator.wait_for_everyone()
     tracker.summary(metrics)
@@ -422,4 +423,5 @@ def run(cfg: Config) -> Path:
     parents = {"sft": sft, **({"label": label} if label else {})}
     return stage.finish(metrics=metrics, parents=parents, base_model=c.base or str(sft.model_dir),
                         tokenizer_sha256=tok_sha,
-                        extras={**norm, "calibration": calibration, "lora": c.lora.enabled})
+                        extras={**norm.as_extras(), "calibration": calibration,
+                                "lora": c.lora.enabled})

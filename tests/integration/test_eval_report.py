@@ -249,7 +249,8 @@ def test_eval_with_reward_model_and_report(chain, tmp_path):
     tok.save_pretrained(rm_stage.path / "model")
     bins = [{"lo": 0.5, "hi": 0.6, "count": 3, "confidence": 0.55, "accuracy": 0.6}]
     rm_stage.finish(metrics={"eval_accuracy_before": 0.5, "eval_accuracy_after": 0.7},
-                    extras={"norm_bias": 100.0, "norm_scale": 2.0, "calibration": bins},
+                    extras={"norm_bias": 100.0, "norm_scale": 2.0, "norm_samples": 8,
+                            "calibration": bins},
                     tokenizer_sha256=tokenizer_sha256(tok))
     results = json.loads((evaluate.run(cfg) / "results.json").read_text())
     torch.set_num_threads(1)

@@ -150,7 +150,7 @@ def test_normalized_score_of_sft_samples_is_mean_0_std_1_as_ppo_reads_it(
     monkeypatch.setattr(reward, "generate", recording_generate)
     torch.manual_seed(0)
     norm, raw = reward.normalization(scorer, policy, tok, cfg, Accelerator(cpu=True))
-    assert norm["norm_samples"] == 12 and raw["norm_std"] > 0
+    assert norm.samples == 12 and raw["norm_std"] > 0
     (prompts, responses), = sampled
     query, query_mask, response, mask, has_eos, _ = rollout_tensors(
         prompts, responses, tok.pad_token_id, sorted(eos_ids(tok, policy)))

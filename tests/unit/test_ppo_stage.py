@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 import pipeline.text as text
 from pipeline.config import PPOConfig, RewardComponent
+from pipeline.normalization import RewardNormalization
 from stages.ppo import RewardFunction, critic_values, rollout_tensors
 from stages.scoring import (
     PolicyModel,
@@ -93,7 +94,7 @@ def reward_function(lagrangian: bool) -> tuple[RewardFunction, list]:
         seen.append((ids, attention))
         return torch.tensor([0.5, 2.0, -1.0])
 
-    return RewardFunction(cfg, reward_model, {"norm_bias": -0.5, "norm_scale": 2.0}), seen
+    return RewardFunction(cfg, reward_model, RewardNormalization(-0.5, 2.0, 8)), seen
 
 
 @pytest.mark.parametrize("lagrangian", [False, True])
