@@ -75,7 +75,8 @@ from pipeline.training import (
     save_checkpoint,
 )
 from stages import ops
-from stages.rewards import call_user, checked_values, load_checked_judge, resolve_rule
+from stages.composite import CompositeReward, RewardSpec
+from stages.rewards import load_checked_judge
 from stages.scoring import (
     PolicyModel,
     ScoreModel,
@@ -153,63 +154,6 @@ class FirstForward:
     logprobs: torch.Tensor | None  # (b, T) with graph; None while only the critic trains
     entropy: torch.Tensor | None   # (b, T) with graph when the entropy bonus is on
     values: torch.Tensor | None    # (b, T, C) with graph; None without a critic
-
-
-# --------------------------------------------------------------------------------------------
-# Rewards
-# --------------------------------------------------------------------------------------------
-
-
-class RewardFunction:
-    """The composite score of a response: weighted learned reward, rules and costs, and the
-    penalty for a response that never emitted EOS."""
-
-    def __init__(self, cfg: PPOConfig, reward_model, norm: RewardNormalization | None):
-        self.cfg = cfg
-        self.reward_model = reward_model
-        self.norm = norm
-        self.terms = []
-        for i, comp in enumerate(cfg.rewards):
-            what = f'ppo.rewards[{i}] ({comp.type} "{comp.name}")'
-            try:
-                fn = None if comp.type == "model" else resolve_rule(comp.name, **comp.params)
-            except ValueError as exc:
-                raise PipelineError(f"{what}: {exc}") from None
-            label = "model" if comp.type == "model" else comp.name.split(":")[-1]
-            self.terms.append((comp.type, label, comp.weight, fn, what, ":" in comp.name))
-
-    @torch.no_grad()
-    def __call__(self, rollout_ids, attention, prompts, responses, metas, has_eos):
-        """(score (B,), cost (B,), {component: (B,)} raw values for logging).
-
-        The learned reward is ``(raw + norm_bias) * norm_scale`` clipped to
-        ``[-reward_clip, reward_clip]``; costs are subtracted from the score, or summed into
-        ``cost`` for the constraint when ``ppo.lagrangian`` is on.
-        """
-        b = len(responses)
-        score = torch.zeros(b)
-        cost = torch.zeros(b)
-        parts: dict[str, torch.Tensor] = {}
-        for kind, label, weight, fn, what, user in self.terms:
-            if kind == "model":
-                raw = self.reward_model(rollout_ids, attention).cpu()
-                value = self.norm.apply(raw).clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
-                parts["rm_raw"] = raw
-            else:
-                # User code: an exception or a result that is not one finite number per
-                # response stops the stage with one line naming the function.
-                values = (call_user(what, fn, b, prompts, responses, metas) if user
-                          else checked_values(what, fn(prompts, responses, metas), b))
-                value = torch.tensor(values, dtype=torch.float32)
-            parts["model" if kind == "model" else f"{kind}/{label}"] = value
-            if kind == "cost" and self.cfg.lagrangian:
-                cost += weight * value
-            elif kind == "cost":
-                score -= weight * value
-            else:
-                score += weight * value
-        score = score - self.cfg.missing_eos_penalty * (~has_eos.cpu()).float()
-        return score, cost, parts
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,6 +266,7 @@ def run(cfg: Config) -> Path:
     sft = open_parent(stage_dir(cfg, "sft", c.policy), "sft", "ppo.policy")
     rm = _reward_parent(cfg)
     norm = RewardNormalization.of(rm) if rm is not None else None
+    reward_spec = RewardSpec.from_config(c, norm)
     prompts = load_prompts(cfg.data.ppo, limit=c.num_prompts,
                            columns=column_map(cfg.data.columns, "ppo"))
     ptx_rows = (load_demonstrations(cfg.data.sft, columns=column_map(cfg.data.columns, "sft"))
@@ -333,7 +278,7 @@ def run(cfg: Config) -> Path:
         raise PipelineError(f"ppo.policy: {sft.path}/model tokenizer does not match its manifest")
     if rm is not None:
         check_same_tokenizer(tok_sha, rm, "ppo.reward_model")
-    reward_fn = RewardFunction(c, reward_scores, norm)
+    reward_fn = CompositeReward(reward_spec, reward_scores)
     stops = sorted(eos_ids(tok, policy.model))
 
     encoded = [encode_prompt(tok, p.chat, cfg.data.max_prompt_tokens) for p in prompts]
@@ -593,6 +538,7 @@ def run(cfg: Config) -> Path:
                         extras={"kl_coef": kl_ctl.value, "lambda": lagrange.value,
                                 "lora": c.lora.enabled, "temperature": c.temperature,
                                 "norm": norm.as_extras() if norm is not None else {},
+                                "reward": reward_spec.record(),
                                 **algorithm(c)})
 
 

@@ -126,13 +126,14 @@ def test_normalized_score_of_sft_samples_is_mean_0_std_1_as_ppo_reads_it(
         sft_dir: Path, toy_rm: Path, monkeypatch) -> None:
     """The bias and scale set on the SFT policy's own samples, applied the way PPO scores a
     rollout (left-padded prompt, right-padded response, the reward at the last response
-    token, then RewardFunction), give those samples mean 0 and std 1."""
+    token, then CompositeReward), give those samples mean 0 and std 1."""
     from accelerate import Accelerator
 
     from pipeline.config import PPOConfig, RewardComponent
     from pipeline.models import load_policy, load_reward_model
     from pipeline.text import eos_ids
-    from stages.ppo import RewardFunction, rollout_tensors
+    from stages.composite import CompositeReward, RewardSpec
+    from stages.ppo import rollout_tensors
     from stages.scoring import ScoreModel, joined_inputs, sequence_scores
 
     cfg = rm_config(sft_dir.parents[1], "norm", sft_dir, "rm.norm_samples=12")
@@ -157,7 +158,8 @@ def test_normalized_score_of_sft_samples_is_mean_0_std_1_as_ppo_reads_it(
     assert query_mask.min() == 0  # prompts of different lengths: left padding is exercised
     ppo_cfg = PPOConfig(rewards=[RewardComponent(type="model")], reward_clip=100.0,
                         missing_eos_penalty=0.0)
-    fn = RewardFunction(ppo_cfg, lambda ids, att: sequence_scores(scorer, ids, att), norm)
+    fn = CompositeReward(RewardSpec.from_config(ppo_cfg, norm),
+                         lambda ids, att: sequence_scores(scorer, ids, att))
     score, _, parts = fn(*joined_inputs(query, query_mask, response, mask), [""] * 12,
                          [""] * 12, [{}] * 12, has_eos)
     assert parts["rm_raw"].mean().item() == pytest.approx(raw["norm_mean"], abs=1e-5)

@@ -13,7 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 import pipeline.text as text
 from pipeline.config import PPOConfig, RewardComponent
 from pipeline.normalization import RewardNormalization
-from stages.ppo import RewardFunction, critic_values, rollout_tensors
+from stages.composite import CompositeReward, RewardSpec
+from stages.ppo import critic_values, rollout_tensors
 from stages.scoring import (
     PolicyModel,
     ScoreModel,
@@ -83,7 +84,7 @@ def test_rollout_tensors_pad_and_mask_after_eos():
 # ----------------------------------------------------------------------------- reward
 
 
-def reward_function(lagrangian: bool) -> tuple[RewardFunction, list]:
+def reward_function(lagrangian: bool) -> tuple[CompositeReward, list]:
     cfg = PPOConfig(reward_clip=1.5, missing_eos_penalty=1.0, lagrangian=lagrangian, rewards=[
         RewardComponent(type="model", weight=2.0),
         RewardComponent(type="rule", name=f"{RULES}:brevity", weight=0.5),
@@ -94,7 +95,8 @@ def reward_function(lagrangian: bool) -> tuple[RewardFunction, list]:
         seen.append((ids, attention))
         return torch.tensor([0.5, 2.0, -1.0])
 
-    return RewardFunction(cfg, reward_model, RewardNormalization(-0.5, 2.0, 8)), seen
+    spec = RewardSpec.from_config(cfg, RewardNormalization(-0.5, 2.0, 8))
+    return CompositeReward(spec, reward_model), seen
 
 
 @pytest.mark.parametrize("lagrangian", [False, True])
