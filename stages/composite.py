@@ -57,7 +57,7 @@ class Scored(NamedTuple):
 @dataclass(frozen=True)
 class RewardSpec:
     terms: tuple[RewardTerm, ...]
-    # The reward model's; None when no term is the model.
+    # The reward model's; None when no term is the model (or no reward model is at hand).
     normalization: RewardNormalization | None
     reward_clip: float
     missing_eos_penalty: float
@@ -78,8 +78,6 @@ class RewardSpec:
             key = "model" if comp.type == "model" else f"{comp.type}/{comp.name.split(':')[-1]}"
             terms.append(RewardTerm(comp.type, key, comp.weight, fn, what, ":" in comp.name,
                                     comp))
-        if any(t.kind == "model" for t in terms) and normalization is None:
-            raise ValueError("a model reward term needs the reward model's normalization")
         return cls(tuple(terms), normalization, reward_clip, missing_eos_penalty, lagrangian)
 
     @classmethod
@@ -92,7 +90,8 @@ class RewardSpec:
                     where: str) -> RewardSpec:
         """The spec a PPO manifest recorded (``record``, its ``extras.reward``)."""
         try:
-            components = [RewardComponent(**term) for term in record["terms"]]
+            components = [RewardComponent(type=t["type"], name=t["name"], weight=t["weight"],
+                                          params=t["params"]) for t in record["terms"]]
             settings = {k: record[k] for k in ("reward_clip", "missing_eos_penalty",
                                                "lagrangian")}
         except (KeyError, TypeError) as exc:
@@ -102,7 +101,7 @@ class RewardSpec:
 
     def record(self) -> dict:
         """What the manifest keeps of it: enough to resolve it again."""
-        return {"terms": [{"type": t.component.type, "name": t.component.name,
+        return {"terms": [{"key": t.key, "type": t.component.type, "name": t.component.name,
                            "weight": t.weight, "params": dict(t.component.params)}
                           for t in self.terms],
                 "reward_clip": self.reward_clip, "missing_eos_penalty": self.missing_eos_penalty,

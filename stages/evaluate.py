@@ -32,6 +32,7 @@ from pipeline.models import load_policy, load_reward_model, position_ids, tokeni
 from pipeline.normalization import RewardNormalization
 from pipeline.progress import progress
 from pipeline.rundir import (
+    MANIFEST,
     Parent,
     StageDir,
     atomic_write_json,
@@ -45,6 +46,7 @@ from pipeline.text import decode, encode_prompt, eos_ids, generate, pad, pad_pro
 from pipeline.tracking import Tracker
 from pipeline.training import NonFiniteError
 from stages import ops
+from stages.composite import RewardSpec
 from stages.rewards import length_bounds, load_checked_judge, no_headword, profanity_cost
 from stages.scoring import PolicyModel, ScoreModel, response_logprobs, score_sequences
 
@@ -240,13 +242,15 @@ def sequence_kl(model, reference, tok, prompts: list[list[int]], responses: list
 
 
 class Scorers:
-    """Gold judge and (optional) normalized reward model over one shard's responses."""
+    """Gold judge, (optional) normalized reward model and the terms of PPO's reward over one
+    shard's responses."""
 
-    def __init__(self, judge, reward_model, norm: RewardNormalization | None, tok,
-                 batch_size: int, device):
+    def __init__(self, judge, reward_model, norm: RewardNormalization | None, spec: RewardSpec,
+                 tok, batch_size: int, device):
         self.judge = judge
         self.reward_model = reward_model
         self.norm = norm
+        self.spec = spec
         self.tok = tok
         self.batch_size = batch_size
         self.device = device
@@ -257,12 +261,31 @@ class Scorers:
         return self.judge.score([e.prompt for e in examples], texts,
                                 [e.reference for e in examples])
 
-    def rm(self, prompts: list[list[int]], tokens: list[list[int]]) -> list[float] | None:
+    def rm_raw(self, prompts: list[list[int]], tokens: list[list[int]]) -> torch.Tensor | None:
         if self.reward_model is None:
             return None
-        raw = score_sequences(self.reward_model, [p + t for p, t in zip(prompts, tokens)],
-                              self.tok.pad_token_id, self.batch_size, self.device)
-        return self.norm.apply(raw).tolist()
+        return score_sequences(self.reward_model, [p + t for p, t in zip(prompts, tokens)],
+                               self.tok.pad_token_id, self.batch_size, self.device)
+
+    def rm(self, prompts: list[list[int]], tokens: list[list[int]]) -> list[float] | None:
+        raw = self.rm_raw(prompts, tokens)
+        return None if raw is None else self.norm.apply(raw).tolist()
+
+    def reward_terms(self, raw: torch.Tensor | None, questions: list[str], samples: Samples,
+                     metas: list[dict]) -> dict[str, list[float]]:
+        """Per response, each term of PPO's reward (``reward/<key>``), and with every term at
+        hand the score PPO trained on (and the constraint's cost with PPO-Lagrangian)."""
+        # Without a reward model the model term is left out, and so is the incomplete sum.
+        whole = raw is not None or not self.spec.has_model
+        spec = self.spec if whole else self.spec.without_model()
+        scored = spec.combine(raw, questions, samples.texts, metas,
+                              torch.tensor(samples.has_eos, dtype=torch.bool))
+        out = {f"reward/{k}": v.tolist() for k, v in scored.parts.items() if k != "rm_raw"}
+        if whole:
+            out["reward/score"] = scored.score.tolist()
+            if self.spec.lagrangian:
+                out["reward/constraint_cost"] = scored.cost.tolist()
+        return out
 
 
 def measure(samples: Samples, examples: list[PromptExample], prompts: list[list[int]],
@@ -271,15 +294,17 @@ def measure(samples: Samples, examples: list[PromptExample], prompts: list[list[
     texts = samples.texts
     questions = [e.prompt for e in examples]
     metas = [{"word": e.word, "reference": e.reference} for e in examples]
+    raw = scorers.rm_raw(prompts, samples.tokens)
     return {
         "text": texts,
         "gold": scorers.gold(examples, texts),
-        "rm": scorers.rm(prompts, samples.tokens),
+        "rm": None if raw is None else scorers.norm.apply(raw).tolist(),
         "length": [len(t) for t in samples.tokens],
         "no_eos": [not e for e in samples.has_eos],
         "headword_violation": [v < 0 for v in no_headword(questions, texts, metas)],
         "length_violation": [v < 0 for v in length_bounds(questions, texts, metas)],
         "cost": profanity_cost(questions, texts, metas),
+        **scorers.reward_terms(raw, questions, samples, metas),
     }
 
 
@@ -304,6 +329,8 @@ def policy_row(rows: list[dict], c, seed: int) -> dict:
         "length_violation_frac": float(np.mean([r["length_violation"] for r in rows])),
         "cost_mean": float(np.mean([r["cost"] for r in rows])),
     }
+    out["reward_terms"] = {k.removeprefix("reward/"): float(np.mean([r[k] for r in rows]))
+                           for k in rows[0] if k.startswith("reward/")}
     if "rm" in rows[0]:
         out["rm"] = summary([r["rm"] for r in rows], c.bootstrap, seed)
     if "kl" in rows[0]:
@@ -324,6 +351,17 @@ def optional_parent(cfg: Config, stage: str, override: str, role: str) -> Parent
     if not override and not path.exists():
         return None
     return open_parent(path, stage, role)
+
+
+def ppo_objective(cfg: Config, ppo: Parent | None,
+                  norm: RewardNormalization | None) -> RewardSpec:
+    """The reward the evaluated PPO policy was trained on: the spec its manifest recorded, or
+    (no PPO stage, or one from before the spec was recorded) this config's ``ppo.rewards``.
+    Its model term reads eval's reward model."""
+    record = ppo.extras.get("reward") if ppo is not None else None
+    if record is None:
+        return RewardSpec.from_config(cfg.ppo, norm)
+    return RewardSpec.from_record(record, norm, f"{ppo.path / MANIFEST}: extras.reward")
 
 
 def snapshot_dirs(parent: Parent) -> list[tuple[int, Path]]:
@@ -359,6 +397,7 @@ def run(cfg: Config) -> Path:
     trained = {name: parent for name, parent in trained.items() if parent is not None}
     rm = optional_parent(cfg, "rm", c.reward_model, "eval.reward_model")
     norm = RewardNormalization.of(rm) if rm is not None else None
+    spec = ppo_objective(cfg, trained.get("ppo"), norm)
     examples = load_prompts(cfg.data.eval, limit=c.num_prompts,
                             columns=column_map(cfg.data.columns, "eval"),
                             require_reference="the gold judge and the calibration probe need one")
@@ -374,7 +413,7 @@ def run(cfg: Config) -> Path:
     reward_model = None
     if rm is not None:
         reward_model = ScoreModel(load_reward_model(rm.model_dir, cfg.model, tok)).to(device)
-    scorers = Scorers(judge, reward_model, norm, tok, c.batch_size, device)
+    scorers = Scorers(judge, reward_model, norm, spec, tok, c.batch_size, device)
     try:
         questions = multiple_choice(examples, cfg.run.seed)[: c.calibration_questions]
     except ValueError:
@@ -467,7 +506,7 @@ def run(cfg: Config) -> Path:
                      "reward_model": str(rm.path) if rm else None,
                      "ppo_algorithm": (ppo_algorithm(trained["ppo"].manifest) if "ppo" in trained
                                        else None),
-                     "policies": {}, "win_rates": {}}
+                     "reward_spec": spec.record(), "policies": {}, "win_rates": {}}
     for name, rows in per_policy.items():
         results["policies"][name] = policy_row(rows, c, cfg.run.seed)
     for a, b in WIN_RATE_PAIRS:

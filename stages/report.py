@@ -626,9 +626,34 @@ def results_section(results: dict) -> str:
     return (table(["policy", "gold (95% CI)", "RM score (95% CI)", "KL (95% CI)",
                    "mean length (tokens)", "no EOS", "uses headword", "outside length bounds",
                    "profanity cost"], rows)
+            + reward_terms_table(results)
             + table(["gold win rate (ties = 1/2)", "mean (95% CI)"], wins, numeric=False)
             + f'<p class="small">{results.get("num_prompts")} held-out prompts, temperature '
               f'{results.get("temperature")}, judge {esc(results.get("judge"))}.</p>')
+
+
+def reward_terms_table(results: dict) -> str:
+    """Per policy, the mean of each term of the reward PPO trained on (as eval measured it on
+    the policy's own samples) and of their weighted sum."""
+    policies = {name: r["reward_terms"] for name, r in (results.get("policies") or {}).items()
+                if r.get("reward_terms")}
+    if not policies:
+        return ""
+    spec = results.get("reward_spec") or {}
+    weights = {t["key"]: t["weight"] for t in spec.get("terms", [])}
+    keys = list(dict.fromkeys(k for terms in policies.values() for k in terms))
+    headers = [f"{k} (weight {fmt(weights[k])})" if k in weights else
+               {"score": "score PPO trained on", "constraint_cost": "constraint cost"}.get(k, k)
+               for k in keys]
+    rows = [[policy_label(name, results), *[terms.get(k) for k in keys]]
+            for name, terms in policies.items()]
+    note = ("" if "score" in keys else " Without a reward model in this eval the model term, "
+            "and so the score, is not measured.")
+    return ('<p class="small">The terms of the reward PPO trained on (ppo.rewards), per '
+            "policy on its own samples; the score subtracts ppo.missing_eos_penalty for a "
+            "response without EOS" + (", and the costs go to the constraint instead"
+                                      if spec.get("lagrangian") else "")
+            + f".{note}</p>" + table(["policy", *headers], rows))
 
 
 def sample_policies(rows: list[dict], results: dict) -> list[str]:

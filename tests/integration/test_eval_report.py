@@ -79,6 +79,24 @@ def test_results_and_report_label_the_ppo_estimator(chain):
     assert "<td>PPO (gae)</td>" in text
 
 
+def test_eval_reports_every_term_ppo_optimized(chain):
+    """The terms of PPO's reward (here the no_headword rule alone, weight 1) per policy, as
+    PPO's manifest recorded them, with the score PPO trained on: the rule minus the
+    missing-EOS penalty; and the report's table of them."""
+    res = chain["results"]
+    assert [t["key"] for t in res["reward_spec"]["terms"]] == ["rule/no_headword"]
+    penalty = chain["cfg"].ppo.missing_eos_penalty
+    for name, row in res["policies"].items():
+        terms = row["reward_terms"]
+        assert set(terms) == {"rule/no_headword", "score"}, name
+        # The rule is -1 on a definition that uses its word: minus the violation rate.
+        assert terms["rule/no_headword"] == pytest.approx(-row["headword_violation_frac"])
+        assert terms["score"] == pytest.approx(terms["rule/no_headword"]
+                                               - penalty * row["no_eos_frac"])
+    text = (chain["run"] / "report.html").read_text()
+    assert "<th>rule/no_headword (weight 1)</th><th>score PPO trained on</th>" in text
+
+
 def test_overoptimization_has_sft_snapshot_and_final_points(chain):
     points = chain["results"]["overoptimization"]
     # SFT (kl 0), the snapshot after update 1 (snapshot_every=1, none at the last update), final.
