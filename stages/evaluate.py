@@ -21,6 +21,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,22 +29,17 @@ from accelerate.utils import gather_object
 
 from pipeline.config import Config
 from pipeline.data import PromptExample, column_map, load_prompts
-from pipeline.models import load_policy, load_reward_model, position_ids, tokenizer_sha256
+from pipeline.lifecycle import Outcome, Stage
+from pipeline.models import load_policy, load_reward_model, position_ids
 from pipeline.normalization import RewardNormalization
 from pipeline.progress import progress
 from pipeline.rundir import (
     MANIFEST,
     Parent,
-    StageDir,
     atomic_write_json,
-    check_same_tokenizer,
-    open_parent,
     ppo_algorithm,
 )
-from pipeline.rundir import stage_dir as parent_dir
-from pipeline.runtime import make_accelerator
 from pipeline.text import decode, encode_prompt, eos_ids, generate, pad, pad_prompts
-from pipeline.tracking import Tracker
 from pipeline.training import NonFiniteError
 from stages import ops
 from stages.composite import RewardSpec
@@ -241,19 +237,20 @@ def sequence_kl(model, reference, tok, prompts: list[list[int]], responses: list
     return out
 
 
+@dataclass
 class Scorers:
     """Gold judge, (optional) normalized reward model and the terms of PPO's reward over one
     shard's responses."""
 
-    def __init__(self, judge, reward_model, norm: RewardNormalization | None, spec: RewardSpec,
-                 tok, batch_size: int, device):
-        self.judge = judge
-        self.reward_model = reward_model
-        self.norm = norm
-        self.spec = spec
-        self.tok = tok
-        self.batch_size = batch_size
-        self.device = device
+    judge: Any
+    # The reward model and its normalization; None without a reward-model stage.
+    reward_model: ScoreModel | None
+    norm: RewardNormalization | None
+    # The reward PPO trained on (see ppo_objective).
+    spec: RewardSpec
+    tok: Any
+    batch_size: int
+    device: torch.device
 
     def gold(self, examples: list[PromptExample], texts: list[str]) -> list[float]:
         if not texts:
@@ -344,15 +341,6 @@ def policy_row(rows: list[dict], c, seed: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def optional_parent(cfg: Config, stage: str, override: str, role: str) -> Parent | None:
-    """A parent that may be absent: no folder -> None; a folder without a complete manifest
-    (or of the wrong stage) -> error, as for required parents. An explicit path must exist."""
-    path = parent_dir(cfg, stage, override)
-    if not override and not path.exists():
-        return None
-    return open_parent(path, stage, role)
-
-
 def ppo_objective(cfg: Config, ppo: Parent | None,
                   norm: RewardNormalization | None) -> RewardSpec:
     """The reward the evaluated PPO policy was trained on: the spec its manifest recorded, or
@@ -383,207 +371,209 @@ def snapshot_dirs(parent: Parent) -> list[tuple[int, Path]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def run(cfg: Config) -> Path:
-    c = cfg.eval
-    wall_start = time.time()
-    accelerator = make_accelerator(cfg)
-    device = accelerator.device
-    seed = cfg.run.seed + accelerator.process_index
+class Eval(Stage):
+    name = "eval"
 
-    # --- Setup: everything that can refuse the run does so before the eval dir is cleared ----
-    sft = open_parent(parent_dir(cfg, "sft", c.sft), "sft", "eval.sft")
-    trained = {name: optional_parent(cfg, name, getattr(c, name), f"eval.{name}")
-               for name in TRAINED}
-    trained = {name: parent for name, parent in trained.items() if parent is not None}
-    rm = optional_parent(cfg, "rm", c.reward_model, "eval.reward_model")
-    norm = RewardNormalization.of(rm) if rm is not None else None
-    spec = ppo_objective(cfg, trained.get("ppo"), norm)
-    examples = load_prompts(cfg.data.eval, limit=c.num_prompts,
-                            columns=column_map(cfg.data.columns, "eval"),
-                            require_reference="the gold judge and the calibration probe need one")
-    sft_model, tok = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(sft.model_dir))
-    tok_sha = tokenizer_sha256(tok)
-    roles = {"eval.sft": sft, "eval.reward_model": rm,
-             **{f"eval.{name}": parent for name, parent in trained.items()}}
-    for role, parent in roles.items():
-        if parent is not None:
-            check_same_tokenizer(tok_sha, parent, role)
-    judge = load_checked_judge("eval.judge", c.judge,
-                               **({"device": str(device)} if c.judge == "minilm" else {}))
-    reward_model = None
-    if rm is not None:
-        reward_model = ScoreModel(load_reward_model(rm.model_dir, cfg.model, tok)).to(device)
-    scorers = Scorers(judge, reward_model, norm, spec, tok, c.batch_size, device)
-    try:
-        questions = multiple_choice(examples, cfg.run.seed)[: c.calibration_questions]
-    except ValueError:
-        questions = []
+    def check(self) -> None:
+        super().check()
+        cfg, c = self.cfg, self.cfg.eval
+        device = self.accelerator.device
+        sft = self.open("sft", "sft", c.sft, "eval.sft")
+        self.trained = {name: parent for name in TRAINED
+                        if (parent := self.open(name, name, getattr(c, name), f"eval.{name}",
+                                                optional=True)) is not None}
+        rm = self.open("reward_model", "rm", c.reward_model, "eval.reward_model", optional=True)
+        norm = RewardNormalization.of(rm) if rm is not None else None
+        spec = ppo_objective(cfg, self.trained.get("ppo"), norm)
+        self.examples = load_prompts(cfg.data.eval, limit=c.num_prompts,
+                                     columns=column_map(cfg.data.columns, "eval"),
+                                     require_reference="the gold judge and the calibration "
+                                                       "probe need one")
+        self.sft_model, self.tok = self.load_policy(sft)
+        judge = load_checked_judge("eval.judge", c.judge,
+                                   **({"device": str(device)} if c.judge == "minilm" else {}))
+        self.reward_model = None
+        if rm is not None:
+            self.reward_model = ScoreModel(load_reward_model(rm.model_dir, cfg.model,
+                                                             self.tok)).to(device)
+        self.scorers = Scorers(judge, self.reward_model, norm, spec, self.tok, c.batch_size,
+                               device)
+        try:
+            self.questions = multiple_choice(self.examples,
+                                             cfg.run.seed)[: c.calibration_questions]
+        except ValueError:
+            self.questions = []
 
-    stage = StageDir(cfg, "eval", accelerator.is_main_process)
-    stage.start()
-    tracker = Tracker(cfg, "eval", stage.path, accelerator.is_main_process)
+    def body(self) -> Outcome:
+        cfg, c = self.cfg, self.cfg.eval
+        accelerator, stage, tracker = self.accelerator, self.stage, self.tracker
+        device = accelerator.device
+        seed = cfg.run.seed + accelerator.process_index
+        examples, questions, trained, tok = self.examples, self.questions, self.trained, self.tok
+        sft_model, reward_model, scorers = self.sft_model, self.reward_model, self.scorers
+        rm = self.parents.get("reward_model")
 
-    with accelerator.split_between_processes(list(range(len(examples)))) as shard:
-        shard = list(shard)
-    with accelerator.split_between_processes(list(range(len(questions)))) as q_shard:
-        q_shard = list(q_shard)
-    mine = [examples[i] for i in shard]
-    prompts = [encode_prompt(tok, e.chat, cfg.data.max_prompt_tokens) for e in mine]
-    # The question lists four definitions: allow it the model's whole context.
-    q_limit = max(cfg.data.max_prompt_tokens,
-                  getattr(sft_model.config, "max_position_embeddings", 512) - 1)
-    q_prompts = [encode_prompt(tok, questions[i].prompt, q_limit) for i in q_shard]
+        with accelerator.split_between_processes(list(range(len(examples)))) as shard:
+            shard = list(shard)
+        with accelerator.split_between_processes(list(range(len(questions)))) as q_shard:
+            q_shard = list(q_shard)
+        mine = [examples[i] for i in shard]
+        prompts = [encode_prompt(tok, e.chat, cfg.data.max_prompt_tokens) for e in mine]
+        # The question lists four definitions: allow it the model's whole context.
+        q_limit = max(cfg.data.max_prompt_tokens,
+                      getattr(sft_model.config, "max_position_embeddings", 512) - 1)
+        q_prompts = [encode_prompt(tok, questions[i].prompt, q_limit) for i in q_shard]
 
-    per_policy: dict[str, list[dict]] = {}
-    probe: dict[str, list[dict]] = {}
-    snapshots = {name: snapshot_dirs(parent) for name, parent in trained.items()}
-    n_policies = 2 + (c.best_of_n > 1 and reward_model is not None) + len(trained)
-    bar = progress(n_policies + sum(map(len, snapshots.values())), "eval",
-                   cfg.tracking.progress and accelerator.is_main_process, unit="policy")
+        per_policy: dict[str, list[dict]] = {}
+        probe: dict[str, list[dict]] = {}
+        snapshots = {name: snapshot_dirs(parent) for name, parent in trained.items()}
+        n_policies = 2 + (c.best_of_n > 1 and reward_model is not None) + len(trained)
+        bar = progress(n_policies + sum(map(len, snapshots.values())), "eval",
+                       cfg.tracking.progress and accelerator.is_main_process, unit="policy")
 
-    def done(name: str, rows: list[dict]) -> None:
-        bar.update(1)
-        bar.log(**{f"gold_{name}": float(np.mean([r["gold"] for r in rows]))})
+        def done(name: str, rows: list[dict]) -> None:
+            bar.update(1)
+            bar.log(**{f"gold_{name}": float(np.mean([r["gold"] for r in rows]))})
 
-    def evaluate_policy(name: str, model, reference=None, ref_name: str | None = None) -> Samples:
-        samples = sample(model, tok, prompts, cfg, seed)
-        columns = measure(samples, mine, prompts, scorers)
-        if reference is not None:
-            columns["kl"] = sequence_kl(model, reference, tok, prompts, samples.tokens,
-                                        c.temperature, c.batch_size)
-            columns["kl_reference"] = [ref_name] * len(shard)
-        per_policy[name] = gathered(rows_of(columns, shard))
-        probs = answer_distribution(model, tok, q_prompts, c.batch_size)
-        probe[name] = gathered([
-            {"index": i, "probs": p.tolist(), "answer": questions[i].answer}
-            for i, p in zip(q_shard, probs)])
-        done(name, per_policy[name])
-        return samples
+        def evaluate_policy(name: str, model, reference=None,
+                            ref_name: str | None = None) -> Samples:
+            samples = sample(model, tok, prompts, cfg, seed)
+            columns = measure(samples, mine, prompts, scorers)
+            if reference is not None:
+                columns["kl"] = sequence_kl(model, reference, tok, prompts, samples.tokens,
+                                            c.temperature, c.batch_size)
+                columns["kl_reference"] = [ref_name] * len(shard)
+            per_policy[name] = gathered(rows_of(columns, shard))
+            probs = answer_distribution(model, tok, q_prompts, c.batch_size)
+            probe[name] = gathered([
+                {"index": i, "probs": p.tolist(), "answer": questions[i].answer}
+                for i, p in zip(q_shard, probs)])
+            done(name, per_policy[name])
+            return samples
 
-    # --- Base and SFT ----------------------------------------------------------------------------
-    sft_model.to(device)
-    base_model, _ = load_policy(cfg.model, seed=cfg.run.seed)
-    base_model.to(device)
-    evaluate_policy("base", base_model)
-    sft_samples = evaluate_policy("sft", sft_model, base_model, "base")
-    del base_model
+        # --- Base and SFT -------------------------------------------------------------------------
+        sft_model.to(device)
+        base_model, _ = load_policy(cfg.model, seed=cfg.run.seed)
+        base_model.to(device)
+        evaluate_policy("base", base_model)
+        sft_samples = evaluate_policy("sft", sft_model, base_model, "base")
+        del base_model
 
-    # --- Best-of-N against the reward model (Gao et al.'s other optimizer) -------------------
-    if c.best_of_n > 1 and reward_model is not None:
-        chosen = best_of_n(sft_model, tok, prompts, cfg, seed, sft_samples, scorers)
-        columns = measure(chosen, mine, prompts, scorers)
-        columns["kl"] = [best_of_n_kl(c.best_of_n)] * len(shard)
-        columns["kl_reference"] = ["sft"] * len(shard)
-        per_policy["bon"] = gathered(rows_of(columns, shard))
-        done("bon", per_policy["bon"])
+        # --- Best-of-N against the reward model (Gao et al.'s other optimizer) -------------------
+        if c.best_of_n > 1 and reward_model is not None:
+            chosen = best_of_n(sft_model, tok, prompts, cfg, seed, sft_samples, scorers)
+            columns = measure(chosen, mine, prompts, scorers)
+            columns["kl"] = [best_of_n_kl(c.best_of_n)] * len(shard)
+            columns["kl_reference"] = ["sft"] * len(shard)
+            per_policy["bon"] = gathered(rows_of(columns, shard))
+            done("bon", per_policy["bon"])
 
-    # --- PPO, DPO and their snapshots (overoptimization) -----------------------------------------
-    overopt_local: list[tuple[str, int, list[dict]]] = []
-    for name, parent in trained.items():
-        model, _ = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(parent.model_dir))
-        evaluate_policy(name, model.to(device), sft_model, KL_REFERENCE[name])
-        del model
-        for update, folder in snapshots[name]:
-            snap, _ = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(folder))
-            snap.to(device)
-            samples = sample(snap, tok, prompts, cfg, seed)
-            columns = {
-                "gold": scorers.gold(mine, samples.texts),
-                "rm": scorers.rm(prompts, samples.tokens),
-                "kl": sequence_kl(snap, sft_model, tok, prompts, samples.tokens,
-                                  c.temperature, c.batch_size),
+        # --- PPO, DPO and their snapshots (overoptimization) --------------------------------------
+        overopt_local: list[tuple[str, int, list[dict]]] = []
+        for name, parent in trained.items():
+            model, _ = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(parent.model_dir))
+            evaluate_policy(name, model.to(device), sft_model, KL_REFERENCE[name])
+            del model
+            for update, folder in snapshots[name]:
+                snap, _ = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(folder))
+                snap.to(device)
+                samples = sample(snap, tok, prompts, cfg, seed)
+                columns = {
+                    "gold": scorers.gold(mine, samples.texts),
+                    "rm": scorers.rm(prompts, samples.tokens),
+                    "kl": sequence_kl(snap, sft_model, tok, prompts, samples.tokens,
+                                      c.temperature, c.batch_size),
+                }
+                overopt_local.append((name, update, gathered(rows_of(columns, shard))))
+                done(f"{name}@{update}", overopt_local[-1][2])
+                del snap
+        bar.close()
+
+        # --- Aggregate (main writes) --------------------------------------------------------------
+        results: dict = {"run": cfg.run.name, "num_prompts": len(examples),
+                         "best_of_n": c.best_of_n if "bon" in per_policy else None,
+                         "temperature": c.temperature, "max_new_tokens": c.max_new_tokens,
+                         "judge": c.judge, "bootstrap": c.bootstrap,
+                         "reward_model": str(rm.path) if rm else None,
+                         "ppo_algorithm": (ppo_algorithm(trained["ppo"].manifest)
+                                           if "ppo" in trained else None),
+                         "reward_spec": scorers.spec.record(), "policies": {}, "win_rates": {}}
+        for name, rows in per_policy.items():
+            results["policies"][name] = policy_row(rows, c, cfg.run.seed)
+        for a, b in WIN_RATE_PAIRS:
+            if a in per_policy and b in per_policy:
+                wins = win_outcomes([r["gold"] for r in per_policy[a]],
+                                    [r["gold"] for r in per_policy[b]])
+                results["win_rates"][f"{a}_vs_{b}"] = summary(wins, c.bootstrap, cfg.run.seed)
+
+        def point(update, rows):
+            rm_values = [r["rm"] for r in rows if "rm" in r]
+            return {"update": update, "kl": float(np.mean([r.get("kl", 0.0) for r in rows])),
+                    "gold": float(np.mean([r["gold"] for r in rows])),
+                    "rm": float(np.mean(rm_values)) if rm_values else None}
+
+        # One curve per trained policy ("method"), each from the SFT point through its snapshots
+        # ("update": PPO updates or DPO optimizer steps) to the final policy.
+        overopt = []
+        if trained:
+            sft_point = point(0, per_policy["sft"])
+            sft_point["kl"] = 0.0
+            overopt = [{**sft_point, "policy": "sft", "method": "sft"}]
+        for name, parent in trained.items():
+            curve = [{**point(u, rows), "policy": "snapshot", "method": name}
+                     for n, u, rows in overopt_local if n == name]
+            finished = parent.manifest.get("metrics", {})
+            last = int(finished.get("updates") or finished.get("steps") or 0) or (
+                curve[-1]["update"] + 1 if curve else 1)
+            overopt += [*curve, {**point(last, per_policy[name]), "policy": name, "method": name}]
+        results["overoptimization"] = overopt
+
+        calibration = {"bins": c.calibration_bins, "num_questions": len(questions),
+                       "letters": list(LETTERS), "policies": {}}
+        for name, rows in probe.items():
+            if not rows:
+                continue
+            probs = torch.tensor([r["probs"] for r in rows])
+            answers = torch.tensor([r["answer"] for r in rows])
+            confidence, chosen = probs.max(dim=-1)
+            correct = chosen == answers
+            ece, bins = ops.expected_calibration_error(confidence, correct, c.calibration_bins)
+            calibration["policies"][name] = {
+                "accuracy": float(correct.double().mean()),
+                "mean_confidence": float(confidence.double().mean()),
+                "ece": ece,
+                "bins": bins,
             }
-            overopt_local.append((name, update, gathered(rows_of(columns, shard))))
-            done(f"{name}@{update}", overopt_local[-1][2])
-            del snap
-    bar.close()
+        results["calibration"] = calibration
 
-    # --- Aggregate (main writes) -----------------------------------------------------------------
-    results: dict = {"run": cfg.run.name, "num_prompts": len(examples),
-                     "best_of_n": c.best_of_n if "bon" in per_policy else None,
-                     "temperature": c.temperature, "max_new_tokens": c.max_new_tokens,
-                     "judge": c.judge, "bootstrap": c.bootstrap,
-                     "reward_model": str(rm.path) if rm else None,
-                     "ppo_algorithm": (ppo_algorithm(trained["ppo"].manifest) if "ppo" in trained
-                                       else None),
-                     "reward_spec": spec.record(), "policies": {}, "win_rates": {}}
-    for name, rows in per_policy.items():
-        results["policies"][name] = policy_row(rows, c, cfg.run.seed)
-    for a, b in WIN_RATE_PAIRS:
-        if a in per_policy and b in per_policy:
-            wins = win_outcomes([r["gold"] for r in per_policy[a]],
-                                [r["gold"] for r in per_policy[b]])
-            results["win_rates"][f"{a}_vs_{b}"] = summary(wins, c.bootstrap, cfg.run.seed)
+        metrics = headline(results)
+        metrics["wall_seconds"] = round(time.time() - self.started, 2)
+        # A NaN gold score or KL (a diverged policy, a broken reward model) must not be written up
+        # as a result: nothing is marked complete.
+        bad = next((k for k, v in metrics.items()
+                    if isinstance(v, float) and not math.isfinite(v)), None)
+        if bad is not None:
+            raise NonFiniteError(f"eval: {bad} is {metrics[bad]}; no results written")
+        results["metrics"] = metrics
+        if accelerator.is_main_process:
+            atomic_write_json(stage.path / "results.json", results)
+            stage.write_jsonl(stage.samples_path, sample_rows(examples, per_policy))
+            # In step order (wandb drops a step below one it has seen), a key per curve.
+            for p in sorted(overopt, key=lambda p: p["update"]):
+                tracker.log({f"overopt/{p['method']}/{k}": v for k, v in p.items()
+                             if isinstance(v, float)}, step=p["update"])
+            tracker.log({f"final/{k}": v for k, v in metrics.items() if v is not None},
+                        step=max((p["update"] for p in overopt), default=0))
+            tracker.log_table("samples", [
+                {"prompt": r["prompt"], **{k: r[k]["response"] for k in per_policy}}
+                for r in sample_rows(examples[:8], per_policy)], step=0)
+        return Outcome(metrics, {"results": "results.json",
+                                 "world_size": accelerator.num_processes})
 
-    def point(update, rows):
-        rm_values = [r["rm"] for r in rows if "rm" in r]
-        return {"update": update, "kl": float(np.mean([r.get("kl", 0.0) for r in rows])),
-                "gold": float(np.mean([r["gold"] for r in rows])),
-                "rm": float(np.mean(rm_values)) if rm_values else None}
 
-    # One curve per trained policy ("method"), each from the SFT point through its snapshots
-    # ("update": PPO updates or DPO optimizer steps) to the final policy.
-    overopt = []
-    if trained:
-        sft_point = point(0, per_policy["sft"])
-        sft_point["kl"] = 0.0
-        overopt = [{**sft_point, "policy": "sft", "method": "sft"}]
-    for name, parent in trained.items():
-        curve = [{**point(u, rows), "policy": "snapshot", "method": name}
-                 for n, u, rows in overopt_local if n == name]
-        finished = parent.manifest.get("metrics", {})
-        last = int(finished.get("updates") or finished.get("steps") or 0) or (
-            curve[-1]["update"] + 1 if curve else 1)
-        overopt += [*curve, {**point(last, per_policy[name]), "policy": name, "method": name}]
-    results["overoptimization"] = overopt
-
-    calibration = {"bins": c.calibration_bins, "num_questions": len(questions),
-                   "letters": list(LETTERS), "policies": {}}
-    for name, rows in probe.items():
-        if not rows:
-            continue
-        probs = torch.tensor([r["probs"] for r in rows])
-        answers = torch.tensor([r["answer"] for r in rows])
-        confidence, chosen = probs.max(dim=-1)
-        correct = chosen == answers
-        ece, bins = ops.expected_calibration_error(confidence, correct, c.calibration_bins)
-        calibration["policies"][name] = {
-            "accuracy": float(correct.double().mean()),
-            "mean_confidence": float(confidence.double().mean()),
-            "ece": ece,
-            "bins": bins,
-        }
-    results["calibration"] = calibration
-
-    metrics = headline(results)
-    metrics["wall_seconds"] = round(time.time() - wall_start, 2)
-    # A NaN gold score or KL (a diverged policy, a broken reward model) must not be written up
-    # as a result: nothing is marked complete.
-    bad = next((k for k, v in metrics.items()
-                if isinstance(v, float) and not math.isfinite(v)), None)
-    if bad is not None:
-        raise NonFiniteError(f"eval: {bad} is {metrics[bad]}; no results written")
-    results["metrics"] = metrics
-    if accelerator.is_main_process:
-        atomic_write_json(stage.path / "results.json", results)
-        stage.write_jsonl(stage.samples_path, sample_rows(examples, per_policy))
-        # In step order (wandb drops a step below one it has seen), a key per curve.
-        for p in sorted(overopt, key=lambda p: p["update"]):
-            tracker.log({f"overopt/{p['method']}/{k}": v for k, v in p.items()
-                         if isinstance(v, float)}, step=p["update"])
-        tracker.log({f"final/{k}": v for k, v in metrics.items() if v is not None},
-                    step=max((p["update"] for p in overopt), default=0))
-        tracker.log_table("samples", [
-            {"prompt": r["prompt"], **{k: r[k]["response"] for k in per_policy}}
-            for r in sample_rows(examples[:8], per_policy)], step=0)
-    tracker.summary(metrics)
-    tracker.close()
-    parents = {"sft": sft, **trained, **({"reward_model": rm} if rm else {})}
-    path = stage.finish(metrics=metrics, parents=parents, base_model=sft.manifest["base_model"],
-                        tokenizer_sha256=tok_sha,
-                        extras={"results": "results.json", "world_size": accelerator.num_processes})
-    accelerator.wait_for_everyone()
-    return path
+def run(cfg: Config) -> Path:
+    """The eval stage of ``cfg``'s run; returns its finished folder."""
+    return Eval(cfg).run()
 
 
 def headline(results: dict) -> dict:
