@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import json
 import os
 import shlex
 import sys
@@ -19,22 +17,24 @@ import textwrap
 from pathlib import Path
 
 from pipeline import keydoc, shipped
+from pipeline.callables import import_callable
 from pipeline.config import ConfigError, PipelineConfig, load_config, to_yaml
 from pipeline.data import DataError
 from pipeline.errors import PipelineError
 from pipeline.rundir import STAGES, latest_checkpoint, read_manifest
 
-# stage command -> module in stages/
-STAGE_MODULES = {"sft": "stages.sft", "label": "stages.label", "rm": "stages.reward",
-                 "ppo": "stages.ppo", "dpo": "stages.dpo", "eval": "stages.evaluate",
-                 "report": "stages.report"}
-RUN_COMMANDS = (*STAGE_MODULES, "pipeline", "seeds")
+# stage command -> its pipeline.lifecycle.Stage, imported when the stage runs
+STAGE_CLASSES = {"sft": "stages.sft:SFT", "label": "stages.label:Label",
+                 "rm": "stages.reward:RewardModel", "ppo": "stages.ppo:PPO",
+                 "dpo": "stages.dpo:DPO", "eval": "stages.evaluate:Eval",
+                 "report": "stages.report:Report"}
+RUN_COMMANDS = (*STAGE_CLASSES, "pipeline", "seeds")
 COMMANDS = (*RUN_COMMANDS, "status", "config", "configs")
 
 USAGE = f"""usage: rlhf COMMAND [--config FILE|NAME] [key=value ...]
 
 commands:
-  {' | '.join(STAGE_MODULES)}    run one stage
+  {' | '.join(STAGE_CLASSES)}    run one stage
   pipeline             run the stages of pipeline.stages in order (default:
                        {' -> '.join(PipelineConfig().stages)}; add dpo to
                        train DPO on the same rankings, as configs/compare.yaml does)
@@ -103,9 +103,9 @@ def command_help(command: str) -> str:
             "values.\n\n" + keydoc.describe_keys(sections))
 
 
-def run_stage(name: str, cfg) -> Path:
-    module = importlib.import_module(STAGE_MODULES[name])
-    return module.run(cfg)
+def stage_class(name: str):
+    """The ``Stage`` subclass that runs the stage command ``name``."""
+    return import_callable(STAGE_CLASSES[name], "stage")
 
 
 def resume_plan(cfg, name: str):
@@ -294,15 +294,10 @@ def main(argv: list[str] | None = None) -> int:
                 stage_cfg, note = resume_plan(cfg, name)
                 if note and main_process:
                     print(note)
-            path = run_stage(name, stage_cfg)
-            if os.environ.get("RANK", "0") != "0":
-                continue
-            if name == "report":
-                print(f"[report] written: {path / 'report.html'}")
-                continue
-            manifest = read_manifest(path) or {}
-            print(f"[{name}] complete: {path}\n"
-                  f"[{name}] metrics: {json.dumps(manifest.get('metrics', {}))}")
+            stage = stage_class(name)(stage_cfg)
+            path = stage.run()
+            if os.environ.get("RANK", "0") == "0":
+                print(stage.done(path))
     except (PipelineError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

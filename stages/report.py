@@ -28,6 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from pipeline.config import Config, flatten, key_matches, to_dict  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.hub import describe_base  # noqa: E402
+from pipeline.lifecycle import Outcome, Stage  # noqa: E402
+from pipeline.normalization import RewardNormalization  # noqa: E402
 from pipeline.rundir import (  # noqa: E402
     MANIFEST,
     STAGES,
@@ -109,11 +111,22 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def read_json(path: Path, text: str | None = None, line: int | None = None):
+    """``path``'s JSON (or that of one of its lines), refused with one line naming it."""
+    try:
+        return json.loads(path.read_text() if text is None else text)
+    except json.JSONDecodeError as exc:
+        where = f"{path}:{line}" if line is not None else str(path)
+        raise PipelineError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})"
+                            ) from None
+
+
 def read_metrics(path: Path) -> list[dict]:
     """Rows of a stage's metrics.jsonl ([] when it has none)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [read_json(path, text, i) for i, text in enumerate(path.read_text().splitlines(), 1)
+            if text.strip()]
 
 
 def series(rows: list[dict], key: str) -> tuple[list, list]:
@@ -504,11 +517,13 @@ def rm_section(run_dir: Path, manifest: dict | None) -> str:
 
     rows = [[k.replace("eval_", ""), m.get(f"{k}_before"), m.get(f"{k}_after")] for k in labels]
     note = "" if bins else missing("The reward model's manifest has no calibration bins.")
-    norm = ""
-    if "norm_bias" in extras:
-        norm = (f'<p class="small">PPO reads this model\'s score as (score + '
-                f"{fmt(extras['norm_bias'])}) × {fmt(extras.get('norm_scale'))}: mean 0, std 1 "
-                f"on {fmt(extras.get('norm_samples'))} samples of the SFT policy.</p>")
+    try:
+        n = RewardNormalization.from_extras(extras, run_dir / "rm" / MANIFEST)
+        norm = (f'<p class="small">PPO reads this model\'s score as (score + {fmt(n.bias)}) × '
+                f"{fmt(n.scale)}: mean 0, std 1 on {fmt(n.samples)} samples of the SFT "
+                "policy.</p>")
+    except PipelineError as exc:
+        norm = missing(str(exc))
     return (figure_img("rm_accuracy", draw, "Reward model: accuracy and calibration",
                        size=(9.0, 4.2))
             + table(["metric", "before", "after"], rows) + note + norm
@@ -623,9 +638,34 @@ def results_section(results: dict) -> str:
     return (table(["policy", "gold (95% CI)", "RM score (95% CI)", "KL (95% CI)",
                    "mean length (tokens)", "no EOS", "uses headword", "outside length bounds",
                    "profanity cost"], rows)
+            + reward_terms_table(results)
             + table(["gold win rate (ties = 1/2)", "mean (95% CI)"], wins, numeric=False)
             + f'<p class="small">{results.get("num_prompts")} held-out prompts, temperature '
               f'{results.get("temperature")}, judge {esc(results.get("judge"))}.</p>')
+
+
+def reward_terms_table(results: dict) -> str:
+    """Per policy, the mean of each term of the reward PPO trained on (as eval measured it on
+    the policy's own samples) and of their weighted sum."""
+    policies = {name: r["reward_terms"] for name, r in (results.get("policies") or {}).items()
+                if r.get("reward_terms")}
+    if not policies:
+        return ""
+    spec = results.get("reward_spec") or {}
+    weights = {t["key"]: t["weight"] for t in spec.get("terms", [])}
+    keys = list(dict.fromkeys(k for terms in policies.values() for k in terms))
+    headers = [f"{k} (weight {fmt(weights[k])})" if k in weights else
+               {"score": "score PPO trained on", "constraint_cost": "constraint cost"}.get(k, k)
+               for k in keys]
+    rows = [[policy_label(name, results), *[terms.get(k) for k in keys]]
+            for name, terms in policies.items()]
+    note = ("" if "score" in keys else " Without a reward model in this eval the model term, "
+            "and so the score, is not measured.")
+    return ('<p class="small">The terms of the reward PPO trained on (ppo.rewards), per '
+            "policy on its own samples; the score subtracts ppo.missing_eos_penalty for a "
+            "response without EOS" + (", and the costs go to the constraint instead"
+                                      if spec.get("lagrangian") else "")
+            + f".{note}</p>" + table(["policy", *headers], rows))
 
 
 def sample_policies(rows: list[dict], results: dict) -> list[str]:
@@ -640,7 +680,8 @@ def samples_section(run_dir: Path, results: dict) -> str:
     path = run_dir / "eval" / "samples.jsonl"
     if not path.is_file():
         return missing("No eval samples.")
-    rows = [json.loads(line) for line in path.read_text().splitlines()[:NUM_SAMPLES] if line]
+    rows = [read_json(path, text, i)
+            for i, text in enumerate(path.read_text().splitlines()[:NUM_SAMPLES], 1) if text]
     if not rows:
         return missing("The eval stage wrote no samples.")
     names = sample_policies(rows, results)
@@ -672,16 +713,22 @@ def samples_section(run_dir: Path, results: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def build(run_dir: Path) -> str:
-    """The report's HTML for the run in ``run_dir``."""
+def read_run(run_dir: Path) -> tuple[dict[str, dict], dict]:
+    """The manifests of the run's complete stages, and its eval results ({} without)."""
     manifests = {}
     for stage in STAGES:
         m = read_manifest(run_dir / stage) if (run_dir / stage).is_dir() else None
         if m is not None and m.get("status") == "complete":
             manifests[stage] = m
     results_path = run_dir / "eval" / "results.json"
-    results = (json.loads(results_path.read_text())
+    results = (read_json(results_path)
                if "eval" in manifests and results_path.is_file() else {})
+    return manifests, results
+
+
+def build(run_dir: Path) -> str:
+    """The report's HTML for the run in ``run_dir``."""
+    manifests, results = read_run(run_dir)
     compared = " vs ".join(policy_label(n, results, short=True)
                            for n in results.get("policies") or {})
     sections = [
@@ -711,10 +758,36 @@ def build(run_dir: Path) -> str:
             "</body></html>\n")
 
 
+class Report(Stage):
+    """The report is one file beside the stage folders, rewritten atomically: nothing is
+    cleared at start, and what it reads is checked first."""
+
+    name = "report"
+
+    def make_accelerator(self):
+        return None
+
+    def check(self) -> None:
+        self.run_dir = self.cfg.run_dir
+        if not self.run_dir.is_dir():
+            raise PipelineError(f"report: {self.run_dir} does not exist (run some stages first)")
+        read_run(self.run_dir)
+
+    def start(self) -> None:
+        pass
+
+    def body(self) -> Outcome:
+        self.html = build(self.run_dir)
+        return Outcome({})
+
+    def finish(self, outcome: Outcome) -> Path:
+        atomic_write_text(self.run_dir / REPORT, self.html)
+        return self.run_dir
+
+    def done(self, path: Path) -> str:
+        return f"[report] written: {path / REPORT}"
+
+
 def run(cfg: Config) -> Path:
     """Write ``<run_dir>/report.html`` atomically; returns the run folder."""
-    run_dir = cfg.run_dir
-    if not run_dir.is_dir():
-        raise PipelineError(f"report: {run_dir} does not exist (run some stages first)")
-    atomic_write_text(run_dir / REPORT, build(run_dir))
-    return run_dir
+    return Report(cfg).run()
