@@ -583,8 +583,10 @@ class PipelineConfig:
 
 @dataclass
 class ScalingConfig:
-    """`rlhf scaling`: fits on small runs predict the full-size SFT and reward-model results
-    before those stages train, then check them; Gao et al.'s overoptimization fits on PPO."""
+    """`rlhf scaling`: small runs predict the full run's SFT loss and reward-model accuracy.
+
+    The full-size stages then train and check the predictions; Gao et al.'s overoptimization
+    forms are fitted to the PPO snapshots and best-of-n."""
 
     # SFT short runs, as fractions of the full run's optimizer steps (each a complete run with
     # its own schedule); at least 4 distinct step counts, since a*C^b + c has 3 parameters.

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 import yaml
 
 matplotlib.use("Agg")
@@ -598,7 +599,7 @@ def _scaling_fit_plot(record: dict, measured: dict | None) -> str:
             c = record["curve"]
             xs = [q["x"] for q in c]
             ax.plot(xs, [q["y"] for q in c], label=f"fit: {record['fit']['form']}",
-                    **style(0))
+                    **{**style(0), "marker": None})
             ax.fill_between(xs, [q["curve_low"] for q in c], [q["curve_high"] for q in c],
                             color=style(0)["color"], alpha=0.15, label=f"fit {level:.0%} band")
         pts = record.get("points") or []
@@ -623,6 +624,7 @@ def _scaling_fit_plot(record: dict, measured: dict | None) -> str:
             ax.axhline(record["target"]["target"], color="grey", linestyle=":",
                        label=f"target {record['target']['target']:g}")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(record.get("x_name", "x"))
         ax.set_ylabel(record.get("y_name", "y"), fontsize=8)
         legend_outside(ax, ncol=3)

@@ -553,9 +553,9 @@ def rm_part(cfg: Config, ledger: Ledger, stages: Stages, echo, device) -> None:
         _say(echo, fit_id, what)
         if "target" in extra:
             t = extra["target"]
-            echo(f"[scaling] {fit_id}: {t['target']} reached at "
-                 + (f"{t['x']:.0f} comparisons" if t["x"] else
-                    f"no count up to {t['x_max']:.0f} comparisons"))
+            echo(f"[scaling] {fit_id}: {t['target']:g} " + (
+                f"predicted at {t['x']:.0f} comparisons" if t["x"] else
+                f"not reached within {t['x_max']:.0f} comparisons"))
     folder, reused = stages.run(reward, cfg, "rm", "rm_full")
     figures = heldout_figures(folder, held_groups, tok, cfg, device)
     stage_metrics = read_manifest(folder)["metrics"]
@@ -609,6 +609,13 @@ def run(cfg: Config, echo=print) -> Path:
             if peak.get("kl"):
                 echo(f"[scaling] {record['id']}: gold predicted to peak at KL {peak['kl']:.3g} "
                      f"[{peak['low']:.3g}, {peak['high']:.3g}]")
+            elif peak.get("reason"):
+                echo(f"[scaling] {record['id']}: no peak ({peak['reason']})")
+            held = record.get("predictions") or []
+            if held:
+                hits = sum(bool(q["within_interval"]) for q in held)
+                echo(f"[scaling] {record['id']}: the early fit holds {hits} of the "
+                     f"{len(held)} later points within its intervals")
     ledger.set("summary", summary(ledger.doc["records"]))
     # This invocation's: a reused stage took none of it.
     ledger.set("seconds", {**{k: round(v, 1) for k, v in stages.seconds.items()},

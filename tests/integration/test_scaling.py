@@ -144,3 +144,35 @@ def test_scaling_refuses_bad_settings_with_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "scaling.sft_fractions=[0.5]" in err and "scaling.level=2" in err
     assert not (tmp_path / "runs" / "sc").exists()
+
+
+@pytest.mark.slow
+def test_scaling_through_label_ppo_and_eval(tmp_path):
+    """The whole command as `make scaling` runs it, on tiny models: the label stage ranks
+    samples of the SFT policy, PPO saves its snapshots, eval measures best-of-n for each n."""
+    args = [*tiny_override_list(tmp_path / "runs", name="full"), "sft.max_steps=16",
+            "label.num_prompts=60", "label.k=4", "label.max_new_tokens=8", "label.batch_size=30",
+            "rm.eval_size=12", "rm.batch_size=4", "rm.lr=3e-3", "rm.max_seq_len=64",
+            "rm.norm_samples=4", "rm.max_new_tokens=4", "ppo.num_updates=6", "ppo.batch_size=4",
+            "ppo.num_minibatches=1", "ppo.ppo_epochs=1", "ppo.response_length=8",
+            "ppo.gold_judge=", "ppo.num_prompts=16", "eval.num_prompts=6",
+            "eval.max_new_tokens=8", "eval.batch_size=6", "eval.bootstrap=100",
+            "eval.best_of_n=8", "eval.calibration_questions=2", "scaling.ppo_points=6"]
+    assert main(["scaling", *args]) == 0
+    torch.set_num_threads(1)
+    run_dir = tmp_path / "runs" / "full"
+    doc = json.loads((run_dir / "scaling.json").read_text())
+    holdouts = {r["id"]: r for r in doc["records"] if r["kind"] == "holdout"}
+    assert set(holdouts) == {"overoptimization.ppo", "overoptimization.bon"}
+    ppo_points = holdouts["overoptimization.ppo"]["points"] + holdouts["overoptimization.ppo"][
+        "dropped"]
+    assert sorted(p["update"] for p in ppo_points) == [1, 2, 3, 4, 5, 6]
+    assert sorted(p["n"] for p in holdouts["overoptimization.bon"]["points"]) == list(
+        range(2, 9))
+    for r in holdouts.values():
+        assert "fit" in r or "error" in r
+        assert "early_fit" in r or "early_error" in r
+    assert (run_dir / "label" / "data.jsonl").is_file()
+    html = (run_dir / "report.html").read_text()
+    assert 'data-plot="scaling_overoptimization_ppo"' in html
+    assert 'data-plot="scaling_overoptimization_bon"' in html

@@ -107,3 +107,15 @@ def test_ppo_snapshots_are_made_dense_enough():
     assert cfg.ppo.snapshot_every == 10  # the config itself is not changed
     denser = load_config(None, ["ppo.num_updates=30", "ppo.snapshot_every=3"])
     assert scaling.ppo_snapshots(denser) is denser
+
+
+def test_help_lists_the_scaling_keys_first(capsys):
+    from pipeline.cli import main
+
+    assert main(["scaling", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: rlhf scaling [--config FILE|NAME] [key=value ...]")
+    keys = [line.split(":")[0].strip() for line in out.splitlines() if line.startswith("  ")
+            and not line.startswith("    ")]
+    assert keys[0] == "scaling.sft_fractions" and "scaling.target_accuracy" in keys
+    assert "rm.eval_size" in keys and "ppo.snapshot_every" in keys
