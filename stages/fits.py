@@ -213,12 +213,18 @@ def _covariance(form: str, jac: np.ndarray, residuals: np.ndarray) -> tuple[np.n
     """(s^2 (J^T J)^-1, s) with s^2 the residual variance on n - p degrees of freedom."""
     n, p = jac.shape
     jtj = jac.T @ jac
+    if not (np.all(np.isfinite(jtj)) and np.all(np.isfinite(residuals))):
+        raise FitError(f"{form}: the fit did not converge to finite parameters")
     # Relative to the scale of each column, so the test does not depend on the units of x.
     scale = np.sqrt(np.diag(jtj))
     if np.any(scale == 0) or np.linalg.cond(jtj / np.outer(scale, scale)) > 1e12:
         raise FitError(f"{form}: the points do not determine the parameters (a singular fit)")
     s2 = float(residuals @ residuals) / (n - p)
-    return s2 * np.linalg.inv(jtj), math.sqrt(s2)
+    try:
+        return s2 * np.linalg.inv(jtj), math.sqrt(s2)
+    except np.linalg.LinAlgError:
+        raise FitError(f"{form}: the points do not determine the parameters (a singular "
+                       "fit)") from None
 
 
 def _linear_fit(form: str, names: tuple[str, ...], features: Callable[[np.ndarray], np.ndarray],
