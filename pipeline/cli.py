@@ -28,7 +28,7 @@ STAGE_CLASSES = {"sft": "stages.sft:SFT", "label": "stages.label:Label",
                  "rm": "stages.reward:RewardModel", "ppo": "stages.ppo:PPO",
                  "dpo": "stages.dpo:DPO", "eval": "stages.evaluate:Eval",
                  "report": "stages.report:Report"}
-RUN_COMMANDS = (*STAGE_CLASSES, "pipeline", "seeds")
+RUN_COMMANDS = (*STAGE_CLASSES, "pipeline", "seeds", "scaling")
 COMMANDS = (*RUN_COMMANDS, "status", "config", "configs")
 
 USAGE = f"""usage: rlhf COMMAND [--config FILE|NAME] [key=value ...]
@@ -40,6 +40,8 @@ commands:
                        train DPO on the same rankings, as configs/compare.yaml does)
   seeds                SFT once, then the other stages of pipeline.stages per seed in
                        run.seeds (run.seed_jobs at a time); one table of the outcomes
+  scaling              predict the SFT loss and reward-model accuracy from small runs,
+                       then train the full-size stages and check; overoptimization fits
   status RUN_DIR       lineage, status and metrics of each stage of a run
   config show          print the resolved config (defaults <- --config <- key=value) as YAML
   config validate      check a config and its overrides without running anything
@@ -62,6 +64,8 @@ _RUN_SUMMARY = {
                  "rankings)."),
     "seeds": "SFT once, then the other stages of pipeline.stages for each seed in run.seeds.",
     "report": "One self-contained HTML page of a run's plots and tables: <run>/report.html.",
+    "scaling": ("Fit small SFT and reward-model runs, record what they predict for the full "
+                "run, train it and check (<run>/scaling.json; scaling.* keys)."),
 }
 _USAGE = {
     "status": "rlhf status RUN_DIR",
@@ -275,6 +279,24 @@ def main(argv: list[str] | None = None) -> int:
         except (PipelineError, DataError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        return 0
+    if command == "scaling":
+        from stages import scaling
+
+        try:
+            scaling.run(cfg)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except (PipelineError, DataError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            again = ["rlhf", "scaling", *(["--config", args.config] if args.config else []),
+                     *args.rest]
+            print("interrupted: finished stages are kept and reused; continue with: "
+                  f"{shlex.join(again)}", file=sys.stderr)
+            return 130
         return 0
     stages = cfg.pipeline.stages if command == "pipeline" else (command,)
     main_process = os.environ.get("RANK", "0") == "0"

@@ -621,6 +621,35 @@ class PipelineConfig:
 
 
 @dataclass
+class ScalingConfig:
+    """`rlhf scaling`: small runs predict the full run's SFT loss and reward-model accuracy.
+
+    The full-size stages then train and check the predictions; Gao et al.'s overoptimization
+    forms are fitted to the PPO snapshots and best-of-n."""
+
+    # SFT short runs, as fractions of the full run's optimizer steps (each a complete run with
+    # its own schedule); at least 4 distinct step counts, since a*C^b + c has 3 parameters.
+    sft_fractions: list[float] = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.375, 0.5])
+    # Reward models on nested subsets of the labelled training prompts, as fractions of them;
+    # every one is scored on the full reward model's held-out prompts (rm.eval_size).
+    rm_fractions: list[float] = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5])
+    # Held-out accuracy (vs gold and vs annotators) whose number of training comparisons is
+    # predicted: how many labels a reward model this good needs.
+    target_accuracy: float = 0.7
+    # Overoptimization holdout: the fit reads the PPO points up to this fraction of
+    # ppo.num_updates and predicts the later ones.
+    early_fraction: float = 0.5
+    # PPO policies on the overoptimization curve (snapshots and the final policy): sets
+    # ppo.snapshot_every to ppo.num_updates // ppo_points unless snapshots are already as dense.
+    ppo_points: int = 6
+    # Train PPO and evaluate for the overoptimization fits (the longest part); false stops
+    # after the SFT and reward-model checks.
+    overoptimization: bool = True
+    # Two-sided level of every interval.
+    level: float = 0.95
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -633,6 +662,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -97,7 +97,10 @@ def sections(command: str) -> list[str]:
         return [*STAGE_SECTIONS[command], *SHARED_SECTIONS]
     if command == "report":
         return ["run"]
-    return [f.name for f in dataclasses.fields(Config)]
+    every = [f.name for f in dataclasses.fields(Config)]
+    if command == "scaling":
+        return ["scaling", *(s for s in every if s != "scaling")]
+    return every
 
 
 def section_class(section: str) -> type:

@@ -68,6 +68,14 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0
                              fused=fused_adam_ok(decay + no_decay))
 
 
+def planned_steps(batches: int, num_processes: int, grad_accum_steps: int, epochs: int,
+                  max_steps: int) -> int:
+    """Optimizer steps of a run: ``max_steps`` when > 0, else ``epochs`` passes over
+    ``batches`` micro-batches shared among the processes."""
+    steps_per_epoch = max(1, math.ceil(batches / num_processes / grad_accum_steps))
+    return max_steps if max_steps > 0 else steps_per_epoch * epochs
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int,
                     warmup_ratio: float = 0.0):
     name = {"constant": "constant_with_warmup"}.get(kind, kind)

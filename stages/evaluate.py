@@ -8,7 +8,8 @@ and missing-EOS rate, rule violations and the safety cost. Between policies: gol
 
 Two views from the literature on top:
 - overoptimization (Gao et al. 2022): gold and RM score against KL to SFT for every PPO and DPO
-  snapshot, so a proxy reward that keeps rising while the gold score turns down shows up;
+  snapshot, so a proxy reward that keeps rising while the gold score turns down shows up, and
+  for best-of-n at every n up to eval.best_of_n (from the same samples);
 - calibration probe (GPT-4 report): a four-way multiple-choice version of the eval split, read
   from the next-token distribution over the answer letters; RLHF tends to hurt calibration.
 
@@ -195,9 +196,35 @@ def best_of_n_kl(n: int) -> float:
     return float(np.log(n) - (n - 1) / n)
 
 
+def best_of_n_curve(scores, values) -> list[float]:
+    """For n = 1..N, the mean over prompts of the expected value of the best-of-n pick when n
+    of a prompt's N candidates are drawn without replacement (Gao et al. 2022's unbiased
+    estimator: every n from the same N samples). ``scores``, ``values``: (prompts, N).
+
+    Sorted by score, the i-th lowest of N (1-based) is the best of a random n-subset with
+    probability C(i-1, n-1) / C(N, n). Tied scores rank the earlier candidate higher, as the
+    best-of-N pick does.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape != values.shape or scores.shape[0] == 0:
+        raise ValueError(f"best_of_n_curve: expected two (prompts, N) arrays of one shape, got "
+                         f"{scores.shape} and {values.shape}")
+    n_cand = scores.shape[1]
+    position = np.broadcast_to(np.arange(n_cand), scores.shape)
+    order = np.lexsort((-position, scores), axis=1)  # ascending score, ties: later first
+    ranked = np.take_along_axis(values, order, axis=1)
+    out = []
+    for n in range(1, n_cand + 1):
+        weight = np.array([math.comb(i - 1, n - 1) for i in range(1, n_cand + 1)], dtype=np.float64)
+        out.append(float((ranked @ (weight / math.comb(n_cand, n))).mean()))
+    return out
+
+
 def best_of_n(model, tok, prompts: list[list[int]], cfg: Config, seed: int, first: Samples,
-              scorers: Scorers) -> Samples:
-    """Per prompt, the highest-RM-scored of ``eval.best_of_n`` samples from ``model``.
+              scorers: Scorers) -> tuple[Samples, list[Samples], np.ndarray]:
+    """Per prompt, the highest-RM-scored of ``eval.best_of_n`` samples from ``model``; (the
+    picks, every candidate, their RM scores (N, prompts)).
 
     ``first`` is the policy's own evaluation sample (seed ``seed``), reused as candidate 0; the
     others use seeds that no evaluated policy uses. Ties keep the earliest candidate.
@@ -209,7 +236,7 @@ def best_of_n(model, tok, prompts: list[list[int]], cfg: Config, seed: int, firs
     pick = [candidates[j] for j in best]
     return Samples([s.tokens[i] for i, s in enumerate(pick)],
                    [s.texts[i] for i, s in enumerate(pick)],
-                   [s.has_eos[i] for i, s in enumerate(pick)])
+                   [s.has_eos[i] for i, s in enumerate(pick)]), candidates, scores
 
 
 @torch.no_grad()
@@ -459,12 +486,20 @@ class Eval(Stage):
         del base_model
 
         # --- Best-of-N against the reward model (Gao et al.'s other optimizer) -------------------
+        bon_candidates: list[dict] = []
         if c.best_of_n > 1 and reward_model is not None:
-            chosen = best_of_n(sft_model, tok, prompts, cfg, seed, sft_samples, scorers)
+            chosen, candidates, scores = best_of_n(sft_model, tok, prompts, cfg, seed, sft_samples,
+                                                   scorers)
             columns = measure(chosen, mine, prompts, scorers)
             columns["kl"] = [best_of_n_kl(c.best_of_n)] * len(shard)
             columns["kl_reference"] = ["sft"] * len(shard)
             per_policy["bon"] = gathered(rows_of(columns, shard))
+            # Every candidate's gold score too (N judge passes, no sampling): best-of-n for each
+            # n <= N from the same samples, the points of Gao et al.'s best-of-n curve.
+            golds = np.array([scorers.gold(mine, s.texts) for s in candidates]).reshape(
+                len(candidates), len(shard))
+            bon_candidates = gathered([{"index": i, "rm": scores[:, j].tolist(),
+                                        "gold": golds[:, j].tolist()} for j, i in enumerate(shard)])
             done("bon", per_policy["bon"])
 
         # --- PPO, DPO and their snapshots (overoptimization) --------------------------------------
@@ -526,6 +561,13 @@ class Eval(Stage):
                 curve[-1]["update"] + 1 if curve else 1)
             overopt += [*curve, {**point(last, per_policy[name]), "policy": name, "method": name}]
         results["overoptimization"] = overopt
+        if bon_candidates:
+            rm_table = [r["rm"] for r in bon_candidates]
+            gold_curve = best_of_n_curve(rm_table, [r["gold"] for r in bon_candidates])
+            rm_curve = best_of_n_curve(rm_table, rm_table)
+            results["best_of_n_curve"] = [
+                {"n": n, "kl": best_of_n_kl(n), "gold": g, "rm": r}
+                for n, (g, r) in enumerate(zip(gold_curve, rm_curve), start=1)]
 
         calibration = {"bins": c.calibration_bins, "num_questions": len(questions),
                        "letters": list(LETTERS), "policies": {}}

@@ -12,7 +12,6 @@ applies, ``(score + norm_bias) * norm_scale``, with mean 0 and std 1 on those re
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -26,7 +25,14 @@ from torch.utils.data import DataLoader
 
 from pipeline import sharding
 from pipeline.config import Config
-from pipeline.data import ColumnMap, PromptExample, column_map, load_prompts, load_ranked
+from pipeline.data import (
+    ColumnMap,
+    PromptExample,
+    RankedExample,
+    column_map,
+    load_prompts,
+    load_ranked,
+)
 from pipeline.errors import PipelineError
 from pipeline.lifecycle import Outcome, Stage
 from pipeline.models import (
@@ -52,6 +58,7 @@ from pipeline.training import (
     check_budget,
     load_checkpoint,
     optimizer_steps,
+    planned_steps,
     save_checkpoint,
 )
 from stages.judge import gold_ranks
@@ -111,6 +118,27 @@ def encode_group(tok, prompt: str | list[dict], responses: tuple[str, ...], max_
         truncated += len(ids) > max_seq_len
         sequences.append(tuple(ids[:max_seq_len]))
     return tuple(sequences), truncated
+
+
+def encode_groups(tok, examples: list[RankedExample], max_prompt_tokens: int,
+                  max_seq_len: int) -> tuple[list[Group], int]:
+    """Every ranked example encoded as a Group; (groups, responses truncated)."""
+    groups, truncated = [], 0
+    for ex in examples:
+        sequences, cut = encode_group(tok, ex.chat, ex.responses, max_prompt_tokens, max_seq_len)
+        gold = tuple(gold_ranks(ex.gold_scores)) if ex.gold_scores is not None else None
+        groups.append(Group(ex.prompt, ex.responses, sequences, ex.ranks, gold))
+        truncated += cut
+    return groups, truncated
+
+
+def heldout_split(items: list, eval_size: int, seed: int) -> tuple[list, list]:
+    """(held-out, training): ``items`` shuffled by ``seed``, the first ``eval_size`` held out.
+    The split depends only on the number of items and the seed, so the same prompts are held
+    out of any list of the same examples."""
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return items[:eval_size], items[eval_size:]
 
 
 def collate(groups: list[Group], pad_id: int) -> dict[str, torch.Tensor]:
@@ -261,19 +289,12 @@ class RewardModel(Stage):
         self.norm_prompts = (load_prompts(cfg.data.ppo, limit=c.norm_samples,
                                           columns=column_map(cfg.data.columns, "ppo"))
                              if c.norm_samples else [])
-        examples = load_ranked(source, columns=columns)
-        groups, self.truncated = [], 0
-        for ex in examples:
-            sequences, cut = encode_group(tok, ex.chat, ex.responses, cfg.data.max_prompt_tokens,
-                                          c.max_seq_len)
-            gold = tuple(gold_ranks(ex.gold_scores)) if ex.gold_scores is not None else None
-            groups.append(Group(ex.prompt, ex.responses, sequences, ex.ranks, gold))
-            self.truncated += cut
-        random.Random(cfg.run.seed).shuffle(groups)
+        groups, self.truncated = encode_groups(tok, load_ranked(source, columns=columns),
+                                               cfg.data.max_prompt_tokens, c.max_seq_len)
         if c.eval_size >= len(groups):
             raise PipelineError(f"rm.eval_size={c.eval_size} leaves no training prompts: "
                                 f"{source} has {len(groups)} ranked prompts")
-        self.eval_groups, self.train_groups = groups[: c.eval_size], groups[c.eval_size:]
+        self.eval_groups, self.train_groups = heldout_split(groups, c.eval_size, cfg.run.seed)
 
         with self.accelerator.main_process_first():
             backbone = load_reward_backbone(c.base or str(sft.model_dir), cfg.model, tok,
@@ -288,9 +309,8 @@ class RewardModel(Stage):
         self.loader = DataLoader(self.train_groups, batch_size=c.batch_size, shuffle=True,
                                  generator=self.shuffler,
                                  collate_fn=partial(collate, pad_id=tok.pad_token_id))
-        steps_per_epoch = max(1, math.ceil(len(self.loader) / self.accelerator.num_processes
-                                           / c.grad_accum_steps))
-        self.total_steps = c.max_steps if c.max_steps > 0 else steps_per_epoch * c.epochs
+        self.total_steps = planned_steps(len(self.loader), self.accelerator.num_processes,
+                                         c.grad_accum_steps, c.epochs, c.max_steps)
         check_budget("rm", self.resume_from, self.total_steps,
                      "rm.max_steps" if c.max_steps > 0 else "rm.epochs")
 

@@ -8,7 +8,6 @@ so the next stages load ``sft/model`` as a plain transformers model.
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline import sharding
-from pipeline.config import Config
+from pipeline.config import Config, SFTConfig
 from pipeline.data import column_map, load_demonstrations, load_prompts
 from pipeline.lifecycle import Outcome, Stage
 from pipeline.models import (
@@ -38,8 +37,20 @@ from pipeline.training import (
     check_budget,
     load_checkpoint,
     optimizer_steps,
+    planned_steps,
     save_checkpoint,
 )
+
+
+def split_rows(demos: list, c: SFTConfig, seed: int) -> tuple[list, list]:
+    """(held-out rows, training rows): the demonstrations shuffled by ``seed``, the first
+    ``sft.eval_size`` held out and at most ``sft.train_size`` of the rest trained on."""
+    demos = list(demos)
+    random.Random(seed).shuffle(demos)
+    eval_rows, train_rows = demos[: c.eval_size], demos[c.eval_size:]
+    if c.train_size is not None:
+        train_rows = train_rows[: c.train_size]
+    return eval_rows, train_rows
 
 
 def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -99,10 +110,7 @@ class SFT(Stage):
             model.gradient_checkpointing_enable()
         self.model, self.tok = model, tok
 
-        random.Random(cfg.run.seed).shuffle(demos)
-        self.eval_rows, self.train_rows = demos[: c.eval_size], demos[c.eval_size:]
-        if c.train_size is not None:
-            self.train_rows = self.train_rows[: c.train_size]
+        self.eval_rows, self.train_rows = split_rows(demos, c, cfg.run.seed)
 
         def encode(rows):
             return [tokenize_demonstration(tok, d, cfg.data.max_prompt_tokens, c.max_seq_len)
@@ -115,9 +123,8 @@ class SFT(Stage):
                                        collate_fn=lambda b: collate(b, tok.pad_token_id))
         self.eval_loader = DataLoader(eval_set, batch_size=c.batch_size,
                                       collate_fn=lambda b: collate(b, tok.pad_token_id))
-        steps_per_epoch = max(1, math.ceil(len(self.train_loader) / self.accelerator.num_processes
-                                           / c.grad_accum_steps))
-        self.total_steps = c.max_steps if c.max_steps > 0 else steps_per_epoch * c.epochs
+        self.total_steps = planned_steps(len(self.train_loader), self.accelerator.num_processes,
+                                         c.grad_accum_steps, c.epochs, c.max_steps)
         check_budget("sft", self.resume_from, self.total_steps,
                      "sft.max_steps" if c.max_steps > 0 else "sft.epochs")
         self.base_model = None if cfg.model.init == "scratch" else cfg.model.name_or_path

@@ -352,3 +352,10 @@ def test_eval_best_of_n_picks_the_reward_models_favourite(sft_dir: Path, toy_rm:
     assert all(s["bon"]["rm"] >= s["sft"]["rm"] - 1e-6 for s in samples)
     assert any(s["bon"]["response"] != s["sft"]["response"] for s in samples)
     assert "bon_vs_sft" in results["win_rates"] and "ppo_vs_sft" not in results["win_rates"]
+    # Best-of-n for n = 1..4 from the same candidates: n = 4 is the pick itself.
+    curve = results["best_of_n_curve"]
+    assert [p["n"] for p in curve] == [1, 2, 3, 4]
+    assert [p["kl"] for p in curve] == [evaluate.best_of_n_kl(n) for n in range(1, 5)]
+    assert curve[-1]["gold"] == pytest.approx(bon["gold"]["mean"])
+    assert curve[-1]["rm"] == pytest.approx(bon["rm"]["mean"], abs=1e-6)
+    assert all(a["rm"] <= b["rm"] + 1e-9 for a, b in zip(curve, curve[1:]))
