@@ -12,10 +12,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pipeline.errors import PipelineError
-from pipeline.rundir import MANIFEST, Parent
+from pipeline.files import MANIFEST
+
+
+class StageFolder(Protocol):
+    """What ``of`` reads of a finished stage (``pipeline.rundir.Parent``); a protocol, so this
+    module stays below rundir, which the hub (and so this) sits under."""
+
+    path: Path
+    extras: dict[str, Any]
 
 # Under this key of a reward model's config.json.
 NORMALIZATION_KEY = "reward_normalization"
@@ -58,7 +66,7 @@ class RewardNormalization:
                          "(re-run it)")
 
     @classmethod
-    def of(cls, parent: Parent) -> RewardNormalization:
+    def of(cls, parent: StageFolder) -> RewardNormalization:
         """The normalization a finished rm stage recorded."""
         return cls.from_extras(parent.extras, parent.path / MANIFEST)
 

@@ -49,11 +49,20 @@ from pipeline.config import Config, ConfigError, to_dict
 from pipeline.data import RankedExample, column_map, load_demonstrations, load_ranked
 from pipeline.errors import PipelineError
 from pipeline.models import load_reward_model, load_tokenizer
-from pipeline.rundir import atomic_write_json, atomic_write_text, git_sha, read_manifest
+from pipeline.rundir import (
+    Parent,
+    atomic_write_json,
+    atomic_write_text,
+    check_same_tokenizer,
+    git_sha,
+    open_parent,
+    read_manifest,
+    stage_dir,
+)
 from pipeline.runtime import prepare_process
 from pipeline.training import planned_steps
 from stages import evaluate, fits, label, ppo, report, reward, sft
-from stages.scoring import ScoreModel
+from stages.scoring import ScoreModel, score_sequences
 
 SCHEMA = "rlhf-pipeline/scaling/v1"
 SCALING_JSON = report.SCALING_JSON
@@ -299,9 +308,9 @@ def heldout_figures(rm_dir: Path, groups: list[reward.Group], tok, cfg: Config,
     (``eval.bootstrap`` resamples). A tied reward counts as a wrong prediction, as in the
     reward stage's own held-out accuracy."""
     scorer = ScoreModel(load_reward_model(rm_dir / "model", cfg.model, tok)).to(device)
-    rewards = reward.score_sequences(scorer, [s for g in groups for s in g.sequences],
-                                     tok.pad_token_id, cfg.rm.batch_size * 4, device,
-                                     reward.prompt_groups(groups))
+    rewards = score_sequences(scorer, [s for g in groups for s in g.sequences],
+                              tok.pad_token_id, cfg.rm.batch_size * 4, device,
+                              reward.prompt_groups(groups))
     del scorer
     columns = {k: [] for k in ("pairs", "correct", "loss", "gold_pairs", "gold_correct")}
     offset = 0
@@ -497,10 +506,24 @@ RM_FITS = (("rm.heldout_loss", "loss", "power",
            ("rm.accuracy_gold", "accuracy_gold", "log", "held-out pairwise accuracy vs gold"))
 
 
+def ranked_inputs(cfg: Config) -> tuple[Parent, str, dict | None]:
+    """(SFT parent, ranked data source, its column renames) the reward stage will train on,
+    found before any subset is trained (the reward stage opens them again itself)."""
+    c = cfg.rm
+    sft_parent = open_parent(stage_dir(cfg, "sft", c.sft), "sft", "rm.sft")
+    source = c.data or cfg.data.ranked
+    if source:
+        return sft_parent, source, column_map(cfg.data.columns, "ranked")
+    role = "rm.data (label stage)"
+    labelled = open_parent(stage_dir(cfg, "label", None), "label", role)
+    check_same_tokenizer(sft_parent.manifest.get("tokenizer_sha256") or "", labelled, role)
+    return sft_parent, str(labelled.path / "data.jsonl"), None
+
+
 def rm_part(cfg: Config, ledger: Ledger, stages: Stages, echo, device) -> None:
     if not (cfg.rm.data or cfg.data.ranked):
         stages.run(label, cfg, "label", "label")
-    sft_parent, _, source, columns = reward.open_inputs(cfg)
+    sft_parent, source, columns = ranked_inputs(cfg)
     examples = load_ranked(source, columns=columns)
     if cfg.rm.eval_size >= len(examples):
         raise PipelineError(f"rm.eval_size={cfg.rm.eval_size} leaves no training prompts: "
