@@ -458,12 +458,12 @@ def summary(records: list[dict]) -> list[dict]:
     return rows
 
 
-def _say(echo, fit_id: str, what: dict, unit: str = "") -> None:
+def _say(echo, fit_id: str, what: dict) -> None:
     if "error" in what:
         echo(f"[scaling] {fit_id}: no prediction ({what['error']})")
         return
     p = what["predicted"]
-    echo(f"[scaling] {fit_id}: predicted {p['value']:.4g}{unit} [{p['low']:.4g}, "
+    echo(f"[scaling] {fit_id}: predicted {p['value']:.4g} [{p['low']:.4g}, "
          f"{p['high']:.4g}] at x = {p['x']:.4g}")
 
 
