@@ -2,6 +2,7 @@
 #   make pipeline                         the embedded default run (configs/default.yaml)
 #   make pipeline CONFIG=configs/compare.yaml   the same, plus DPO on the same rankings
 #   make seeds                            the default run's chain after SFT for 3 seeds
+#   make scaling                          predict the default run from small runs, then check
 #   make sft CONFIG=configs/quick.yaml ARGS="sft.lr=1e-4 run.name=exp1"
 #   make ppo LAUNCH="accelerate launch --config_file configs/accelerate/cpu_2proc.yaml"
 
@@ -23,7 +24,7 @@ endif
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install sft label rm ppo dpo eval report pipeline seeds status test test-all lint data bench bench-135m bench-rloo bench-setup clean clean-runs
+.PHONY: install sft label rm ppo dpo eval report pipeline seeds scaling status test test-all lint data bench bench-135m bench-rloo bench-setup clean clean-runs
 
 install: $(STAMP)
 
@@ -45,6 +46,11 @@ sft label rm ppo dpo eval report pipeline: install
 #   make seeds ARGS="run.seeds=[0,1,2] run.seed_jobs=2"
 seeds: install
 	$(BIN)/rlhf seeds --config $(CONFIG) $(ARGS)
+
+# Small runs predict the full run's SFT loss and reward-model accuracy before it trains, then
+# the full run checks them: runs/<name>/scaling.json and a report section.
+scaling: install
+	$(BIN)/rlhf scaling --config $(CONFIG) $(ARGS)
 
 status: install
 	$(BIN)/rlhf status $(or $(RUN),runs/default)

@@ -194,7 +194,7 @@ def build_setup(size: str, work: Path, args) -> dict:
     rm.start()
     save_pretrained_atomic(reward, tok, rm.path / "model")
     rm.finish(metrics={}, base_model=base_model, tokenizer_sha256=sha,
-              parents=None, extras={"norm_bias": 0.0, "norm_scale": 1.0})
+              parents=None, extras={"norm_bias": 0.0, "norm_scale": 1.0, "norm_samples": 0})
 
     n_prompts = args.batch * (args.warmup + args.updates)
     prompts = load_prompts(str(DATA), limit=n_prompts)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import json
 import os
 import shlex
 import sys
@@ -19,27 +17,31 @@ import textwrap
 from pathlib import Path
 
 from pipeline import keydoc, shipped
+from pipeline.callables import import_callable
 from pipeline.config import ConfigError, PipelineConfig, load_config, to_yaml
 from pipeline.data import DataError
 from pipeline.errors import PipelineError
 from pipeline.rundir import STAGES, latest_checkpoint, read_manifest
 
-# stage command -> module in stages/
-STAGE_MODULES = {"sft": "stages.sft", "label": "stages.label", "rm": "stages.reward",
-                 "ppo": "stages.ppo", "dpo": "stages.dpo", "eval": "stages.evaluate",
-                 "report": "stages.report"}
-RUN_COMMANDS = (*STAGE_MODULES, "pipeline", "seeds")
+# stage command -> its pipeline.lifecycle.Stage, imported when the stage runs
+STAGE_CLASSES = {"sft": "stages.sft:SFT", "label": "stages.label:Label",
+                 "rm": "stages.reward:RewardModel", "ppo": "stages.ppo:PPO",
+                 "dpo": "stages.dpo:DPO", "eval": "stages.evaluate:Eval",
+                 "report": "stages.report:Report"}
+RUN_COMMANDS = (*STAGE_CLASSES, "pipeline", "seeds", "scaling")
 COMMANDS = (*RUN_COMMANDS, "status", "config", "configs")
 
 USAGE = f"""usage: rlhf COMMAND [--config FILE|NAME] [key=value ...]
 
 commands:
-  {' | '.join(STAGE_MODULES)}    run one stage
+  {' | '.join(STAGE_CLASSES)}    run one stage
   pipeline             run the stages of pipeline.stages in order (default:
                        {' -> '.join(PipelineConfig().stages)}; add dpo to
                        train DPO on the same rankings, as configs/compare.yaml does)
   seeds                SFT once, then the other stages of pipeline.stages per seed in
                        run.seeds (run.seed_jobs at a time); one table of the outcomes
+  scaling              predict the SFT loss and reward-model accuracy from small runs,
+                       then train the full-size stages and check; overoptimization fits
   status RUN_DIR       lineage, status and metrics of each stage of a run
   config show          print the resolved config (defaults <- --config <- key=value) as YAML
   config validate      check a config and its overrides without running anything
@@ -62,6 +64,8 @@ _RUN_SUMMARY = {
                  "rankings)."),
     "seeds": "SFT once, then the other stages of pipeline.stages for each seed in run.seeds.",
     "report": "One self-contained HTML page of a run's plots and tables: <run>/report.html.",
+    "scaling": ("Fit small SFT and reward-model runs, record what they predict for the full "
+                "run, train it and check (<run>/scaling.json; scaling.* keys)."),
 }
 _USAGE = {
     "status": "rlhf status RUN_DIR",
@@ -103,9 +107,9 @@ def command_help(command: str) -> str:
             "values.\n\n" + keydoc.describe_keys(sections))
 
 
-def run_stage(name: str, cfg) -> Path:
-    module = importlib.import_module(STAGE_MODULES[name])
-    return module.run(cfg)
+def stage_class(name: str):
+    """The ``Stage`` subclass that runs the stage command ``name``."""
+    return import_callable(STAGE_CLASSES[name], "stage")
 
 
 def resume_plan(cfg, name: str):
@@ -276,6 +280,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         return 0
+    if command == "scaling":
+        from stages import scaling
+
+        try:
+            scaling.run(cfg)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except (PipelineError, DataError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            again = ["rlhf", "scaling", *(["--config", args.config] if args.config else []),
+                     *args.rest]
+            print("interrupted: finished stages are kept and reused; continue with: "
+                  f"{shlex.join(again)}", file=sys.stderr)
+            return 130
+        return 0
     stages = cfg.pipeline.stages if command == "pipeline" else (command,)
     main_process = os.environ.get("RANK", "0") == "0"
     current = None
@@ -294,15 +316,10 @@ def main(argv: list[str] | None = None) -> int:
                 stage_cfg, note = resume_plan(cfg, name)
                 if note and main_process:
                     print(note)
-            path = run_stage(name, stage_cfg)
-            if os.environ.get("RANK", "0") != "0":
-                continue
-            if name == "report":
-                print(f"[report] written: {path / 'report.html'}")
-                continue
-            manifest = read_manifest(path) or {}
-            print(f"[{name}] complete: {path}\n"
-                  f"[{name}] metrics: {json.dumps(manifest.get('metrics', {}))}")
+            stage = stage_class(name)(stage_cfg)
+            path = stage.run()
+            if os.environ.get("RANK", "0") == "0":
+                print(stage.done(path))
     except (PipelineError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ values) is collected and raised once as a ``ConfigError`` so the user fixes them
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import importlib
@@ -35,6 +36,93 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
+# What a field accepts: written at the field, checked by validate()
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """The values a string field accepts."""
+
+    # In the order the error message lists them.
+    choices: tuple[str, ...]
+
+    def problem(self, value: Any, nullable: bool = False) -> str | None:
+        return None if value in self.choices else f"expected one of {', '.join(self.choices)}"
+
+
+@dataclass(frozen=True)
+class Range:
+    """The bounds of a number field; null passes an optional one."""
+
+    # Lower bound.
+    low: float
+    # Upper bound; None = unbounded.
+    high: float | None = None
+    # The value must exceed low (> rather than >=).
+    low_open: bool = False
+    # The value must stay below high (< rather than <=).
+    high_open: bool = False
+    # Why the bound is there, appended to the message in parentheses.
+    why: str = ""
+
+    def problem(self, value: Any, nullable: bool = False) -> str | None:
+        # A mistyped value was reported while loading; a number out of bounds is reported here.
+        if not _is_number(value):
+            return None
+        above = value > self.low if self.low_open else value >= self.low
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        if above and below:
+            return None
+        if self.high is None:
+            expected = f"{'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            expected = (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                        f"{')' if self.high_open else ']'}")
+        return (f"expected {expected}" + (" or null" if nullable else "")
+                + (f" ({self.why})" if self.why else ""))
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+PROBABILITY = Range(0, 1)
+SCHEDULERS = OneOf(("linear", "cosine", "constant"))
+PRECISIONS = OneOf(("no", "bf16", "fp16"))
+
+
+def setting(default: Any, check: OneOf | Range) -> Any:
+    """A field's default and the values it accepts. A subclass that restates the field with
+    another default keeps this check (and the comment above it) unless it writes its own."""
+    return field(default=default, metadata={"check": check})
+
+
+def fields_in_order(cls: type) -> list[dataclasses.Field]:
+    """A section's fields in the order help, ``config show`` and config.yaml list them: the
+    section's own first, then each shared group's (the nearest base first), so a stage's
+    inputs come before the optimizer settings it shares with the others."""
+    mro = [k for k in cls.__mro__ if dataclasses.is_dataclass(k)]
+
+    def home(f: dataclasses.Field) -> int:
+        # The base that first declares the field; a restated default does not move it.
+        return max(i for i, k in enumerate(mro) if f.name in vars(k).get("__annotations__", {}))
+
+    return sorted(dataclasses.fields(cls), key=home)
+
+
+def field_check(cls: type, name: str) -> OneOf | Range | None:
+    """The check of field ``name`` of ``cls``: its own, else the nearest base class's."""
+    for klass in cls.__mro__:
+        spec = vars(klass).get("__dataclass_fields__", {}).get(name)
+        if spec is not None and "check" in spec.metadata:
+            return spec.metadata["check"]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------------------------
 
@@ -44,17 +132,17 @@ class ScratchConfig:
     """Sizes of a random-init Llama-style model (``model.init=scratch``)."""
 
     # Width of the residual stream.
-    hidden_size: int = 64
+    hidden_size: int = setting(64, POSITIVE)
     # Transformer blocks.
-    num_layers: int = 2
+    num_layers: int = setting(2, POSITIVE)
     # Attention heads (must divide hidden_size).
-    num_heads: int = 4
+    num_heads: int = setting(4, POSITIVE)
     # Grouped-query attention: key/value heads (must divide num_heads).
-    num_kv_heads: int = 2
+    num_kv_heads: int = setting(2, POSITIVE)
     # Width of the MLP's hidden layer.
-    intermediate_size: int = 256
+    intermediate_size: int = setting(256, POSITIVE)
     # Longest sequence (prompt + response) in tokens.
-    max_position_embeddings: int = 512
+    max_position_embeddings: int = setting(512, POSITIVE)
 
 
 @dataclass
@@ -64,11 +152,11 @@ class LoraConfig:
     # Train an adapter instead of every weight; it is merged into model/ when the stage saves.
     enabled: bool = False
     # Adapter rank.
-    r: int = 16
+    r: int = setting(16, POSITIVE)
     # The adapter's update is scaled by alpha / r.
-    alpha: int = 32
+    alpha: int = setting(32, POSITIVE)
     # LoRA dropout; RL stages force 0 (PPO needs deterministic forward passes).
-    dropout: float = 0.0
+    dropout: float = setting(0.0, NON_NEGATIVE)
     # Module names to adapt, or ["all-linear"].
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
 
@@ -81,11 +169,11 @@ class ModelConfig:
     name_or_path: str = "smollm2-135m-instruct"
     # "pretrained" loads name_or_path; "scratch" builds a random model of model.scratch sizes
     # that uses name_or_path's tokenizer.
-    init: str = "pretrained"
+    init: str = setting("pretrained", OneOf(("pretrained", "scratch")))
     scratch: ScratchConfig = field(default_factory=ScratchConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     # Weights dtype: float32, bfloat16 or float16. float32 on CPU (bf16 matmuls are slow there).
-    dtype: str = "float32"
+    dtype: str = setting("float32", OneOf(("float32", "bfloat16", "float16")))
     # Run code shipped with a hub model. Off unless the user opts in.
     trust_remote_code: bool = False
     # System message for conversations that have none (baked into the saved chat template so
@@ -120,52 +208,71 @@ class DataConfig:
     # (data.ranked, rm.data and dpo.data).
     columns: dict = field(default_factory=dict)
     # Prompts longer than this (in tokens, after the chat template) are truncated from the left.
-    max_prompt_tokens: int = 64
+    max_prompt_tokens: int = setting(64, POSITIVE)
 
 
 @dataclass
-class SFTConfig:
-    """Stage 1: supervised fine-tuning on demonstrations."""
+class PrecisionConfig:
+    """Memory and arithmetic precision of a training stage (sft, rm, ppo, dpo)."""
 
-    # Passes over the training rows (when max_steps <= 0).
-    epochs: int = 1
-    # Optimizer steps; > 0 overrides epochs.
-    max_steps: int = -1
-    # Sequences per process per micro-batch.
-    batch_size: int = 8
-    # Micro-batches accumulated per optimizer step.
-    grad_accum_steps: int = 1
-    # Peak AdamW learning rate (reached after warm-up).
-    lr: float = 2e-4
-    # AdamW weight decay (not applied to biases and norms).
-    weight_decay: float = 0.0
-    # Fraction of the optimizer steps over which the learning rate rises from 0.
-    warmup_ratio: float = 0.05
-    # "linear", "cosine" or "constant" (after warm-up).
-    lr_scheduler: str = "cosine"
-    # The gradient is clipped to this global norm.
-    max_grad_norm: float = 1.0
-    # Longest prompt + completion in tokens; longer rows are truncated from the right.
-    max_seq_len: int = 128
-    # Training rows used (None = all).
-    train_size: int | None = None
-    # Rows held out from data.sft for the eval loss (before and after training).
-    eval_size: int = 100
-    # Evaluate every N optimizer steps (0 = only before and after).
-    eval_every: int = 0
-    # Prompts generated for samples.jsonl after training.
-    num_samples: int = 4
-    # Longest response of those samples, in tokens.
-    max_new_tokens: int = 48
-    # Save a resumable checkpoint every N optimizer steps (0 = never).
-    save_every: int = 0
-    # Log the training loss (mean since the last log), grad norm and learning rate every N
-    # optimizer steps; also the interval of the progress line.
-    log_every: int = 10
     # Mixed precision for GPUs: "no", "bf16" or "fp16". CPU runs use "no".
-    mixed_precision: str = "no"
+    mixed_precision: str = setting("no", PRECISIONS)
     # Recompute activations in the backward pass: less memory, more compute.
     gradient_checkpointing: bool = False
+
+
+@dataclass
+class TrainingConfig(PrecisionConfig):
+    """The optimizer and loop of the stages that train on a fixed set of examples (sft, rm,
+    dpo): AdamW, warm-up then decay, gradient accumulation, held-out evaluation, checkpoints.
+    A stage restates only the defaults that differ."""
+
+    # Passes over the training examples (when max_steps <= 0).
+    epochs: int = setting(1, POSITIVE)
+    # Optimizer steps; > 0 overrides epochs.
+    max_steps: int = -1
+    # Training examples per process per micro-batch: sequences (sft), prompts with all their K
+    # responses (rm), preference pairs of two sequences each (dpo).
+    batch_size: int = setting(8, POSITIVE)
+    # Micro-batches accumulated per optimizer step.
+    grad_accum_steps: int = setting(1, POSITIVE)
+    # Peak AdamW learning rate (reached after warm-up).
+    lr: float = setting(1e-5, POSITIVE)
+    # AdamW weight decay (not applied to biases and norms).
+    weight_decay: float = setting(0.0, NON_NEGATIVE)
+    # Fraction of the optimizer steps over which the learning rate rises from 0.
+    warmup_ratio: float = setting(0.05, Range(0, 1, high_open=True))
+    # "linear", "cosine" or "constant" (after warm-up).
+    lr_scheduler: str = setting("linear", SCHEDULERS)
+    # The gradient is clipped to this global norm.
+    max_grad_norm: float = setting(1.0, NON_NEGATIVE)
+    # Longest prompt + response in tokens (dpo: must exceed data.max_prompt_tokens); longer
+    # sequences are truncated from the right.
+    max_seq_len: int = setting(128, POSITIVE)
+    # Examples held out for evaluation before and after training: rows of data.sft (sft: the
+    # eval loss), prompts (rm: accuracy and calibration; dpo: preference accuracy and margins).
+    eval_size: int = setting(100, NON_NEGATIVE)
+    # Evaluate on the held-out examples every N optimizer steps (0 = only before and after).
+    eval_every: int = setting(0, NON_NEGATIVE)
+    # Save a resumable checkpoint every N optimizer steps (0 = never).
+    save_every: int = setting(0, NON_NEGATIVE)
+    # Log the training metrics (loss, grad norm and the stage's own; means since the last log)
+    # every N optimizer steps; also the interval of the progress line.
+    log_every: int = setting(10, POSITIVE)
+
+
+@dataclass
+class SFTConfig(TrainingConfig):
+    """Stage 1: supervised fine-tuning on demonstrations."""
+
+    lr: float = 2e-4
+    lr_scheduler: str = "cosine"
+    # Training rows used (None = all).
+    train_size: int | None = setting(None, POSITIVE)
+    # Prompts generated for samples.jsonl after training.
+    num_samples: int = setting(4, NON_NEGATIVE)
+    # Longest response of those samples, in tokens.
+    max_new_tokens: int = setting(48, POSITIVE)
 
 
 @dataclass
@@ -173,12 +280,12 @@ class AnnotatorsConfig:
     """Simulated annotators over the gold judge (AlpacaFarm style)."""
 
     # Annotators in the pool; each example is ranked by one of them, drawn at random.
-    n: int = 4
+    n: int = setting(4, POSITIVE)
     # Plackett-Luce sampling temperature over gold scores (0 = noiseless); spread 0.5x-1.5x
     # across the pool.
-    temperature: float = 0.05
+    temperature: float = setting(0.05, NON_NEGATIVE)
     # Probability an annotator swaps one random adjacent pair of its ranking.
-    flip_prob: float = 0.1
+    flip_prob: float = setting(0.1, PROBABILITY)
 
 
 @dataclass
@@ -188,17 +295,17 @@ class LabelConfig:
     # SFT stage folder to sample from; "" = <run>/sft.
     policy: str = ""
     # Responses per prompt.
-    k: int = 4
+    k: int = setting(4, Range(2, why="a ranking needs two responses"))
     # Prompts of data.label used (None = all).
-    num_prompts: int | None = None
+    num_prompts: int | None = setting(None, POSITIVE)
     # Sampling temperature of the K responses.
-    temperature: float = 1.0
+    temperature: float = setting(1.0, NON_NEGATIVE)
     # Nucleus sampling: keep the smallest set of tokens with this much mass (1.0 = all).
-    top_p: float = 1.0
+    top_p: float = setting(1.0, Range(0, 1, low_open=True))
     # Longest response in tokens.
-    max_new_tokens: int = 48
+    max_new_tokens: int = setting(48, POSITIVE)
     # Prompts per generate() call.
-    batch_size: int = 16
+    batch_size: int = setting(16, POSITIVE)
     # Drop identical responses to a prompt (a prompt left with < 2 is skipped).
     dedup: bool = True
     # "minilm" (built-in) or "module:function".
@@ -207,7 +314,7 @@ class LabelConfig:
 
 
 @dataclass
-class RMConfig:
+class RMConfig(TrainingConfig):
     """Stage 2: the reward model on ranked responses (K-way batches, Bradley-Terry)."""
 
     # Model the reward model starts from; "" = the SFT stage's model.
@@ -217,49 +324,16 @@ class RMConfig:
     # Ranked JSONL; "" = data.ranked if set, else <run>/label/data.jsonl.
     data: str = ""
     lora: LoraConfig = field(default_factory=LoraConfig)
-    # Passes over the ranked prompts (when max_steps <= 0).
-    epochs: int = 1
-    # Optimizer steps; > 0 overrides epochs.
-    max_steps: int = -1
-    # Prompts (each with all its K responses) per process per micro-batch.
-    batch_size: int = 8
-    # Micro-batches accumulated per optimizer step.
-    grad_accum_steps: int = 1
-    # Peak AdamW learning rate (reached after warm-up).
-    lr: float = 1e-5
-    # AdamW weight decay (not applied to biases and norms).
-    weight_decay: float = 0.0
-    # Fraction of the optimizer steps over which the learning rate rises from 0.
-    warmup_ratio: float = 0.05
-    # "linear", "cosine" or "constant" (after warm-up).
-    lr_scheduler: str = "linear"
-    # The gradient is clipped to this global norm.
-    max_grad_norm: float = 1.0
-    # Prompt + response tokens per sequence.
-    max_seq_len: int = 128
     # Bradley-Terry margin: loss = -log sigmoid(r_chosen - r_rejected - margin).
-    margin: float = 0.0
-    # Prompts held out for accuracy/calibration before and after training.
-    eval_size: int = 100
+    margin: float = setting(0.0, NON_NEGATIVE)
     # Confidence bins of the held-out calibration error (ECE).
-    calibration_bins: int = 10
+    calibration_bins: int = setting(10, POSITIVE)
     # SFT responses (to data.ppo prompts) used to set the normalization bias and scale.
-    norm_samples: int = 128
+    norm_samples: int = setting(128, NON_NEGATIVE)
     # Sampling temperature of those SFT responses.
-    norm_temperature: float = 0.7
+    norm_temperature: float = setting(0.7, NON_NEGATIVE)
     # Longest of those responses, in tokens.
-    max_new_tokens: int = 48
-    # Save a resumable checkpoint every N optimizer steps (0 = never).
-    save_every: int = 0
-    # Evaluate on the held-out prompts every N optimizer steps (0 = only before and after).
-    eval_every: int = 0
-    # Log loss, accuracy and margin (means since the last log) every N optimizer steps; also the
-    # interval of the progress line.
-    log_every: int = 10
-    # Mixed precision for GPUs: "no", "bf16" or "fp16". CPU runs use "no".
-    mixed_precision: str = "no"
-    # Recompute activations in the backward pass: less memory, more compute.
-    gradient_checkpointing: bool = False
+    max_new_tokens: int = setting(48, POSITIVE)
 
 
 @dataclass
@@ -267,7 +341,7 @@ class RewardComponent:
     """One term of PPO's reward: the learned model, a rule, or a safety cost."""
 
     # "model" (the reward model), "rule" (a reward) or "cost" (a cost: higher = worse).
-    type: str = "model"
+    type: str = setting("model", OneOf(("model", "rule", "cost")))
     # rule/cost: a built-in name (no_headword, length_bounds, profanity) or "module:function".
     name: str = ""
     # Weight in the reward sum (costs are subtracted unless ppo.lagrangian is on).
@@ -277,7 +351,7 @@ class RewardComponent:
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(PrecisionConfig):
     """Stage 3: PPO against the reward model with a KL penalty to the SFT reference."""
 
     # SFT stage folder (policy and reference); "" = <run>/sft.
@@ -285,108 +359,108 @@ class PPOConfig:
     # Reward-model stage folder (reward and critic init); "" = <run>/rm.
     reward_model: str = ""
     # PPO updates (one rollout batch each).
-    num_updates: int = 100
+    num_updates: int = setting(100, POSITIVE)
     # Prompts per process per rollout; each is sampled ppo.samples_per_prompt times, so a
     # process's rollout holds batch_size * samples_per_prompt responses.
-    batch_size: int = 16
+    batch_size: int = setting(16, POSITIVE)
     # Responses sampled per prompt (k). The group estimators (rloo, grpo) compare the k
     # responses to one prompt and need k >= 2; gae and reinforce_pp take any k >= 1.
-    samples_per_prompt: int = 1
+    samples_per_prompt: int = setting(1, POSITIVE)
     # How the policy's advantages are estimated: "gae" (a critic initialized from the reward
     # model; GAE with gamma and lam), "rloo" (the mean reward of the prompt's other k - 1
     # responses as the baseline), "grpo" (the group's mean reward as the baseline, divided by
     # the group's std with ppo.grpo_std_normalize), "reinforce_pp" (REINFORCE++: the reward-to-
     # go of the per-token reward, whitened over the global batch). Only gae builds a critic.
-    advantage_estimator: str = "gae"
+    advantage_estimator: str = setting("gae", OneOf(("gae", "rloo", "grpo", "reinforce_pp")))
     # grpo: divide by the group's reward std (GRPO, OpenRLHF group_norm); false keeps the
     # mean-centred reward only (Dr. GRPO, OpenRLHF dr_grpo).
     grpo_std_normalize: bool = True
     # Minibatches each rollout batch (all batch_size * samples_per_prompt responses) is split
     # into per PPO epoch.
-    num_minibatches: int = 1
+    num_minibatches: int = setting(1, POSITIVE)
     # Passes over each rollout batch.
-    ppo_epochs: int = 4
+    ppo_epochs: int = setting(4, POSITIVE)
     # Prompts of data.ppo used (None = all), cycled through in order.
-    num_prompts: int | None = None
+    num_prompts: int | None = setting(None, POSITIVE)
     # Sampling: the same temperature divides the logits when scoring (item 6).
-    temperature: float = 0.7
+    temperature: float = setting(0.7, Range(0, low_open=True, why="PPO samples"))
     # Must stay 0 and 1.0: log-probs are scored on the full distribution, so a truncated
     # sampler would make the PPO ratio and the KL compare different distributions.
-    top_k: int = 0
+    top_k: int = setting(0, NON_NEGATIVE)
     # Must stay 1.0 (see top_k).
-    top_p: float = 1.0
+    top_p: float = setting(1.0, Range(0, 1, low_open=True))
     # Longest response in tokens; one that stops there without EOS gets missing_eos_penalty.
-    response_length: int = 48
+    response_length: int = setting(48, POSITIVE)
     # Subtracted from the score of a response that never emits EOS.
-    missing_eos_penalty: float = 1.0
+    missing_eos_penalty: float = setting(1.0, NON_NEGATIVE)
     # KL penalty coefficient beta (the initial value when adaptive).
-    kl_coef: float = 0.05
+    kl_coef: float = setting(0.05, NON_NEGATIVE)
     # Move kl_coef towards kl_target after each update (Ziegler et al. 2019).
     adaptive_kl: bool = False
     # Adaptive KL: the target KL to the reference per response, in nats.
-    kl_target: float = 6.0
+    kl_target: float = setting(6.0, POSITIVE)
     # Adaptive KL: each update changes kl_coef by at most 20% x (episodes in the update) /
     # kl_horizon.
-    kl_horizon: int = 10000
+    kl_horizon: int = setting(10000, POSITIVE)
     # KL estimator: k1 (the log-ratio; unbiased per token), k2 (half its square) or k3 (the
     # non-negative unbiased estimate). k1 belongs in the reward, k2 or k3 in the loss.
-    kl_estimator: str = "k1"
+    kl_estimator: str = setting("k1", OneOf(("k1", "k2", "k3")))
     # Where the KL to the reference acts: "reward" (-kl_coef * KL per token in the reward; the
     # group estimators subtract kl_coef times the response's summed KL from its reward before
     # the baseline) or "loss" (kl_coef * the token-mean KL estimate added to the policy loss,
     # as in GRPO). kl_coef, and the adaptive controller, serve both.
-    kl_in: str = "reward"
+    kl_in: str = setting("reward", OneOf(("reward", "loss")))
     # Normalized scores are clipped to [-reward_clip, reward_clip].
-    reward_clip: float = 5.0
+    reward_clip: float = setting(5.0, POSITIVE)
     # Rescale the per-token rewards (mean kept) before gae or reinforce_pp.
     whiten_rewards: bool = False
     # Normalize the advantages over all valid tokens of the global batch: gae and reinforce_pp.
     # rloo and grpo are centred by their group baseline and are not whitened.
     whiten_advantages: bool = True
     # Discount of gae and of reinforce_pp's reward-to-go; rloo and grpo score whole responses.
-    gamma: float = 1.0
+    gamma: float = setting(1.0, PROBABILITY)
     # GAE lambda (gae only).
-    lam: float = 0.95
+    lam: float = setting(0.95, PROBABILITY)
     # PPO's clip of the probability ratio: 1 +- clip_range.
-    clip_range: float = 0.2
+    clip_range: float = setting(0.2, NON_NEGATIVE)
     # New value predictions are clipped to within this of the rollout's.
-    clip_range_value: float = 0.2
+    clip_range_value: float = setting(0.2, NON_NEGATIVE)
     # Value-loss coefficient (the critic's loss is scaled by it; the critic has its own
     # optimizer).
-    vf_coef: float = 0.1
+    vf_coef: float = setting(0.1, NON_NEGATIVE)
     # Entropy bonus in the policy loss (0 = off).
-    entropy_coef: float = 0.0
+    entropy_coef: float = setting(0.0, NON_NEGATIVE)
     # Policy learning rate (Adam).
-    lr: float = 3e-6
+    lr: float = setting(3e-6, POSITIVE)
     # Critic learning rate (Adam).
-    critic_lr: float = 5e-6
+    critic_lr: float = setting(5e-6, POSITIVE)
     # Adam epsilon of both optimizers.
-    adam_eps: float = 1e-5
+    adam_eps: float = setting(1e-5, POSITIVE)
     # Adam (L2) weight decay of both optimizers.
-    weight_decay: float = 0.0
+    weight_decay: float = setting(0.0, NON_NEGATIVE)
     # "linear" decays to 0 over num_updates; "constant" keeps it.
-    lr_scheduler: str = "linear"
+    lr_scheduler: str = setting("linear", OneOf(("linear", "constant")))
     # The policy's and the critic's gradients are each clipped to this norm.
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = setting(1.0, NON_NEGATIVE)
     # Updates that train only the critic before the policy moves.
-    critic_warmup_updates: int = 0
+    critic_warmup_updates: int = setting(0, NON_NEGATIVE)
     # LoRA mode: the policy is an adapter on the SFT model (the reference is the same base
     # with the adapter off), the critic an adapter on the reward model.
     lora: LoraConfig = field(default_factory=LoraConfig)
     # PPO-ptx: coefficient of the LM loss on SFT demonstrations (0 = off).
-    ptx_coef: float = 0.0
+    ptx_coef: float = setting(0.0, NON_NEGATIVE)
     # Demonstrations (from data.sft) per minibatch of the PPO-ptx LM loss.
-    ptx_batch_size: int = 8
+    ptx_batch_size: int = setting(8, POSITIVE)
     # Reward terms; the default is the learned reward model alone.
     rewards: list[RewardComponent] = field(default_factory=lambda: [RewardComponent()])
     # Enforce costs as a constraint (PPO-Lagrangian) instead of subtracting them.
     lagrangian: bool = False
     # PPO-Lagrangian: the multiplier's starting value.
-    lambda_init: float = 1.0
+    lambda_init: float = setting(1.0, NON_NEGATIVE)
     # PPO-Lagrangian: lambda += lambda_lr * (mean cost - cost_threshold) after each update.
-    lambda_lr: float = 0.1
+    lambda_lr: float = setting(0.1, NON_NEGATIVE)
     # PPO-Lagrangian: lambda stays in [0, lambda_max].
-    lambda_max: float = 5.0
+    lambda_max: float = setting(5.0, NON_NEGATIVE)
     # Constraint: mean episode cost (weighted sum of the cost terms) <= cost_threshold. 0.1
     # suits the [0, 1] profanity probability: clean WordNet definitions average 0.06, while
     # a threshold of 0 could never be met and would drive lambda to lambda_max.
@@ -394,84 +468,49 @@ class PPOConfig:
     # Gold judge scored on every rollout for the curves ("" = off); never used as reward.
     gold_judge: str = "minilm"
     # Forward-pass batch for scoring (reference, reward, values); 0 = whole rollout.
-    forward_batch_size: int = 0
+    forward_batch_size: int = setting(0, NON_NEGATIVE)
     # Log the update's metrics every N updates; also the interval of the progress line.
-    log_every: int = 1
+    log_every: int = setting(1, POSITIVE)
     # Log a table of sample responses every N updates.
-    sample_every: int = 10
+    sample_every: int = setting(10, NON_NEGATIVE)
     # Save a resumable checkpoint every N updates (0 = never).
-    save_every: int = 0
+    save_every: int = setting(0, NON_NEGATIVE)
     # Also save the policy's model/ every N updates for the overoptimization view (0 = never).
-    snapshot_every: int = 0
-    # Mixed precision for GPUs: "no", "bf16" or "fp16". CPU runs use "no".
-    mixed_precision: str = "no"
-    # Recompute activations in the backward pass: less memory, more compute.
-    gradient_checkpointing: bool = False
+    snapshot_every: int = setting(0, NON_NEGATIVE)
 
 
 @dataclass
-class DpoStageConfig:
+class DpoStageConfig(TrainingConfig):
     """DPO with TRL's DPOTrainer on the ranked responses: no reward model, no PPO.
 
     The SFT policy is trained against itself as the frozen reference, on the same preferences
     the reward model learns."""
 
+    lr: float = 5e-6
     # SFT stage folder (policy and reference; tokenizer check); "" = <run>/sft.
     sft: str = ""
     # Ranked JSONL; "" = data.ranked if set, else <run>/label/data.jsonl.
     data: str = ""
     # Pairs a prompt's ranking yields: "best_worst" (its best response against its worst, one
     # pair per prompt) or "all" (every strictly ordered pair, C(K,2) for K distinct ranks).
-    pairs: str = "best_worst"
+    pairs: str = setting("best_worst", OneOf(("best_worst", "all")))
     # KL strength: the implicit reward is beta * log(pi / pi_ref); higher stays closer to SFT.
-    beta: float = 0.1
+    beta: float = setting(0.1, POSITIVE)
     # TRL loss: "sigmoid" (DPO), "ipo", "hinge" (SLiC) or "robust" (noisy labels; with
     # label_smoothing as the flip rate).
-    loss_type: str = "sigmoid"
+    loss_type: str = setting("sigmoid", OneOf(("sigmoid", "ipo", "hinge", "robust")))
     # Assumed probability that a preference label is flipped ("robust"; 0 elsewhere = plain).
-    label_smoothing: float = 0.0
+    label_smoothing: float = setting(
+        0.0, Range(0, 0.5, high_open=True, why="a flip rate of 0.5 or more is no preference"))
     # LoRA mode: the policy is an adapter on the SFT model and the reference is the same model
     # with the adapter off (one copy of the weights).
     lora: LoraConfig = field(default_factory=LoraConfig)
-    # Passes over the training pairs (when max_steps <= 0).
-    epochs: int = 1
-    # Optimizer steps; > 0 overrides epochs.
-    max_steps: int = -1
-    # Preference pairs per process per micro-batch (each pair is two sequences).
-    batch_size: int = 8
-    # Micro-batches accumulated per optimizer step.
-    grad_accum_steps: int = 1
-    # Peak AdamW learning rate (reached after warm-up).
-    lr: float = 5e-6
-    # AdamW weight decay (not applied to biases and norms).
-    weight_decay: float = 0.0
-    # Fraction of the optimizer steps over which the learning rate rises from 0.
-    warmup_ratio: float = 0.05
-    # "linear", "cosine" or "constant" (after warm-up).
-    lr_scheduler: str = "linear"
-    # The gradient is clipped to this global norm.
-    max_grad_norm: float = 1.0
-    # Prompt + response tokens per sequence (must exceed data.max_prompt_tokens).
-    max_seq_len: int = 128
-    # Prompts held out for the preference accuracy and margins before and after training.
-    eval_size: int = 100
-    # Evaluate on the held-out pairs every N optimizer steps (0 = only before and after).
-    eval_every: int = 0
     # Prompts of data.eval generated for samples.jsonl after training (greedy).
-    num_samples: int = 4
+    num_samples: int = setting(4, NON_NEGATIVE)
     # Longest response of those samples, in tokens.
-    max_new_tokens: int = 48
-    # Save a resumable checkpoint every N optimizer steps (0 = never).
-    save_every: int = 0
+    max_new_tokens: int = setting(48, POSITIVE)
     # Also save the policy's model/ every N steps for the overoptimization view (0 = never).
-    snapshot_every: int = 0
-    # Log TRL's training metrics (loss, reward accuracy and margin, log-probs) every N
-    # optimizer steps; also the interval of the progress line.
-    log_every: int = 10
-    # Mixed precision for GPUs: "no", "bf16" or "fp16". CPU runs use "no".
-    mixed_precision: str = "no"
-    # Recompute activations in the backward pass: less memory, more compute.
-    gradient_checkpointing: bool = False
+    snapshot_every: int = setting(0, NON_NEGATIVE)
 
 
 @dataclass
@@ -487,25 +526,25 @@ class EvalConfig:
     # Reward-model stage folder; without one there are no RM scores or best-of-N.
     reward_model: str = ""
     # Prompts of data.eval used (None = all).
-    num_prompts: int | None = None
+    num_prompts: int | None = setting(None, POSITIVE)
     # Sampling temperature of every policy (the same sampler seed for each).
-    temperature: float = 0.7
+    temperature: float = setting(0.7, NON_NEGATIVE)
     # Longest response in tokens.
-    max_new_tokens: int = 48
+    max_new_tokens: int = setting(48, POSITIVE)
     # Prompts per generate() call and per scoring batch.
-    batch_size: int = 16
+    batch_size: int = setting(16, POSITIVE)
     # Gold judge: "minilm" (built-in) or "module:function".
     judge: str = "minilm"
     # Best-of-N baseline: per prompt, the SFT sample the reward model scores highest out of N
     # (needs a reward model); 0 or 1 = off.
-    best_of_n: int = 4
+    best_of_n: int = setting(4, NON_NEGATIVE)
     # Bootstrap resamples for confidence intervals.
-    bootstrap: int = 1000
+    bootstrap: int = setting(1000, NON_NEGATIVE)
     # Confidence bins of the calibration probe's ECE.
-    calibration_bins: int = 10
+    calibration_bins: int = setting(10, POSITIVE)
     # Questions of the calibration probe (the first N eval words; None = one per eval prompt).
     # Each reads four definitions, so the probe costs several times a policy's sampling.
-    calibration_questions: int | None = None
+    calibration_questions: int | None = setting(None, POSITIVE)
 
 
 @dataclass
@@ -523,14 +562,14 @@ class RunConfig:
     # Replace a stage that already finished (otherwise re-running it is refused).
     overwrite: bool = False
     # torch intra-op threads per process; 0 = the machine's cores / local processes.
-    threads: int = 0
+    threads: int = setting(0, NON_NEGATIVE)
     # `rlhf seeds`: the seeds whose label -> rm -> ppo -> eval chains run (SFT is shared).
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     # `rlhf seeds`: chains run at the same time; each gets run.threads threads, or, with
     # run.threads=0, the machine's cores divided among them.
-    seed_jobs: int = 1
+    seed_jobs: int = setting(1, POSITIVE)
     # "auto" (GPU when present), or "cpu".
-    device: str = "auto"
+    device: str = setting("auto", OneOf(("auto", "cpu")))
     # Upload the model/ folder (weights, tokenizer, model card) of every stage that trains one
     # to the Hugging Face hub once the stage is complete. The token is huggingface_hub's own:
     # the HF_TOKEN environment variable or a saved `hf auth login`, never a config key.
@@ -554,7 +593,7 @@ class TrackingConfig:
     # wandb team or user; null = the account's default.
     wandb_entity: str | None = None
     # "offline" (default: no key needed, `wandb sync` later), "online" or "disabled".
-    wandb_mode: str = "offline"
+    wandb_mode: str = setting("offline", OneOf(("offline", "online", "disabled")))
     # Write TensorBoard event files to <stage>/tensorboard/.
     tensorboard: bool = False
     # Progress: a bar in a terminal; anywhere else (a file, a pipe, CI) one line per logging
@@ -582,6 +621,35 @@ class PipelineConfig:
 
 
 @dataclass
+class ScalingConfig:
+    """`rlhf scaling`: small runs predict the full run's SFT loss and reward-model accuracy.
+
+    The full-size stages then train and check the predictions; Gao et al.'s overoptimization
+    forms are fitted to the PPO snapshots and best-of-n."""
+
+    # SFT short runs, as fractions of the full run's optimizer steps (each a complete run with
+    # its own schedule); at least 4 distinct step counts, since a*C^b + c has 3 parameters.
+    sft_fractions: list[float] = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.375, 0.5])
+    # Reward models on nested subsets of the labelled training prompts, as fractions of them;
+    # every one is scored on the full reward model's held-out prompts (rm.eval_size).
+    rm_fractions: list[float] = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5])
+    # Held-out accuracy (vs gold and vs annotators) whose number of training comparisons is
+    # predicted: how many labels a reward model this good needs.
+    target_accuracy: float = 0.7
+    # Overoptimization holdout: the fit reads the PPO points up to this fraction of
+    # ppo.num_updates and predicts the later ones.
+    early_fraction: float = 0.5
+    # PPO policies on the overoptimization curve (snapshots and the final policy): sets
+    # ppo.snapshot_every to ppo.num_updates // ppo_points unless snapshots are already as dense.
+    ppo_points: int = 6
+    # Train PPO and evaluate for the overoptimization fits (the longest part); false stops
+    # after the SFT and reward-model checks.
+    overoptimization: bool = True
+    # Two-sided level of every interval.
+    level: float = 0.95
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -594,6 +662,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -604,63 +673,6 @@ class Config:
 # Validation of values (types are checked while loading)
 # ---------------------------------------------------------------------------------------------
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "model.init": ("pretrained", "scratch"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "sft.lr_scheduler": ("linear", "cosine", "constant"),
-    "sft.mixed_precision": ("no", "bf16", "fp16"),
-    "rm.lr_scheduler": ("linear", "cosine", "constant"),
-    "rm.mixed_precision": ("no", "bf16", "fp16"),
-    "ppo.lr_scheduler": ("linear", "constant"),
-    "ppo.kl_estimator": ("k1", "k2", "k3"),
-    "ppo.kl_in": ("reward", "loss"),
-    "ppo.advantage_estimator": ("gae", "rloo", "grpo", "reinforce_pp"),
-    "ppo.mixed_precision": ("no", "bf16", "fp16"),
-    "dpo.pairs": ("best_worst", "all"),
-    "dpo.loss_type": ("sigmoid", "ipo", "hinge", "robust"),
-    "dpo.lr_scheduler": ("linear", "cosine", "constant"),
-    "dpo.mixed_precision": ("no", "bf16", "fp16"),
-    "run.device": ("auto", "cpu"),
-    "tracking.wandb_mode": ("offline", "online", "disabled"),
-}
-
-_POSITIVE = (
-    "model.scratch.hidden_size", "model.scratch.num_layers", "model.scratch.num_heads",
-    "model.scratch.num_kv_heads", "model.scratch.intermediate_size",
-    "model.scratch.max_position_embeddings", "model.lora.r", "model.lora.alpha",
-    "data.max_prompt_tokens", "sft.batch_size", "sft.grad_accum_steps", "sft.lr",
-    "sft.max_seq_len", "sft.epochs", "sft.max_new_tokens", "sft.log_every",
-    "label.k", "label.max_new_tokens", "label.batch_size", "label.annotators.n",
-    "rm.batch_size", "rm.grad_accum_steps", "rm.lr", "rm.max_seq_len", "rm.epochs",
-    "rm.max_new_tokens", "rm.calibration_bins", "rm.log_every", "rm.lora.r", "rm.lora.alpha",
-    "ppo.num_updates", "ppo.batch_size", "ppo.samples_per_prompt", "ppo.num_minibatches",
-    "ppo.ppo_epochs", "ppo.response_length", "ppo.lr", "ppo.critic_lr", "ppo.adam_eps",
-    "ppo.kl_target", "ppo.kl_horizon", "ppo.reward_clip", "ppo.log_every", "ppo.lora.r",
-    "ppo.lora.alpha", "ppo.ptx_batch_size", "dpo.beta", "dpo.epochs", "dpo.batch_size",
-    "dpo.grad_accum_steps", "dpo.lr", "dpo.max_seq_len", "dpo.max_new_tokens", "dpo.log_every",
-    "dpo.lora.r", "dpo.lora.alpha", "eval.max_new_tokens", "eval.batch_size",
-    "eval.calibration_bins",
-    "eval.calibration_questions",
-    "run.seed_jobs",
-)
-_NON_NEGATIVE = (
-    "sft.weight_decay", "sft.max_grad_norm", "sft.eval_size", "sft.eval_every", "sft.num_samples",
-    "sft.save_every", "run.threads", "model.lora.dropout", "sft.warmup_ratio",
-    "label.temperature", "label.annotators.temperature", "rm.weight_decay", "rm.max_grad_norm",
-    "rm.eval_size", "rm.norm_samples", "rm.norm_temperature", "rm.save_every", "rm.eval_every",
-    "rm.margin", "ppo.missing_eos_penalty", "ppo.kl_coef", "ppo.clip_range",
-    "ppo.clip_range_value", "ppo.vf_coef", "ppo.entropy_coef", "ppo.weight_decay",
-    "ppo.max_grad_norm", "ppo.critic_warmup_updates", "ppo.ptx_coef", "ppo.lambda_init",
-    "ppo.lambda_lr", "ppo.lambda_max", "ppo.forward_batch_size", "ppo.sample_every",
-    "ppo.save_every", "ppo.snapshot_every", "ppo.top_k", "eval.temperature", "eval.bootstrap",
-    "eval.best_of_n", "dpo.weight_decay", "dpo.max_grad_norm", "dpo.eval_size", "dpo.eval_every",
-    "dpo.num_samples", "dpo.save_every", "dpo.snapshot_every", "dpo.lora.dropout",
-)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
 
 def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
@@ -668,17 +680,43 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
+def _optional(tp: Any) -> bool:
+    return (typing.get_origin(tp) in (typing.Union, types.UnionType)
+            and type(None) in typing.get_args(tp))
+
+
+def _field_problems(section: Any, prefix: str) -> list[str]:
+    """Every field of ``section`` (and of the sections and list items in it) against the check
+    written at the field."""
+    problems = []
+    hints = _hints(type(section))
+    for f in fields_in_order(type(section)):
+        key, value = f"{prefix}.{f.name}", getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            problems += _field_problems(value, key)
+            continue
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    problems += _field_problems(item, f"{key}[{i}]")
+        check = field_check(type(section), f.name)
+        nullable = _optional(hints[f.name])
+        if check is None or (value is None and nullable):
+            continue
+        problem = check.problem(value, nullable)
+        if problem:
+            problems.append(f"{key}={value!r}: {problem}")
+    return problems
+
+
 def _validate_rewards(ppo: PPOConfig) -> list[str]:
     problems = []
     if not ppo.rewards:
         problems.append("ppo.rewards: expected at least one reward component")
     for i, comp in enumerate(ppo.rewards):
-        key = f"ppo.rewards[{i}]"
-        if comp.type not in ("model", "rule", "cost"):
-            problems.append(f"{key}.type={comp.type!r}: expected one of model, rule, cost")
-        elif comp.type != "model" and not comp.name:
-            problems.append(f"{key}.name: a {comp.type} component needs a built-in name or "
-                            "module:function")
+        if comp.type in ("rule", "cost") and not comp.name:
+            problems.append(f"ppo.rewards[{i}].name: a {comp.type} component needs a built-in "
+                            "name or module:function")
     if ppo.lagrangian and not any(c.type == "cost" for c in ppo.rewards):
         problems.append("ppo.lagrangian=true but ppo.rewards has no cost component")
     if sum(c.type == "model" for c in ppo.rewards) > 1:
@@ -745,10 +783,8 @@ def _validate_dpo(cfg: Config) -> list[str]:
         problems.append(f"dpo.max_seq_len={c.max_seq_len}: expected > data.max_prompt_tokens="
                         f"{cfg.data.max_prompt_tokens}, so a full-length prompt keeps response "
                         "tokens to compare")
-    if not 0 <= c.label_smoothing < 0.5:
-        problems.append(f"dpo.label_smoothing={c.label_smoothing}: expected in [0, 0.5) "
-                        "(a flip rate of 0.5 or more is no preference)")
-    elif c.label_smoothing > 0 and c.loss_type != "robust":
+    # Out of [0, 0.5) is reported at the field.
+    if 0 < c.label_smoothing < 0.5 and c.loss_type != "robust":
         problems.append(f"dpo.label_smoothing={c.label_smoothing}: only dpo.loss_type=robust "
                         f"reads it (dpo.loss_type={c.loss_type!r})")
     return problems
@@ -876,18 +912,10 @@ def _validate_hub(run: RunConfig) -> list[str]:
 
 
 def validate(cfg: Config) -> list[str]:
-    """Value checks that types alone can't express. Returns every problem found."""
+    """Every field against its own check, then what spans fields. Returns every problem found."""
     problems = []
-    for key, choices in _CHOICES.items():
-        value = _get(cfg, key)
-        if value not in choices:
-            problems.append(f"{key}={value!r}: expected one of {', '.join(choices)}")
-    for key in _POSITIVE:
-        if _is_number(_get(cfg, key)) and _get(cfg, key) <= 0:
-            problems.append(f"{key}={_get(cfg, key)!r}: expected > 0")
-    for key in _NON_NEGATIVE:
-        if _is_number(_get(cfg, key)) and _get(cfg, key) < 0:
-            problems.append(f"{key}={_get(cfg, key)!r}: expected >= 0")
+    for f in dataclasses.fields(cfg):
+        problems += _field_problems(getattr(cfg, f.name), f.name)
     s = cfg.model.scratch
     if s.num_heads > 0 and s.num_kv_heads > 0 and s.num_heads % s.num_kv_heads:
         problems.append(
@@ -903,22 +931,6 @@ def validate(cfg: Config) -> list[str]:
         problems.append("run.seeds=[]: expected at least one seed")
     elif len(set(cfg.run.seeds)) != len(cfg.run.seeds):
         problems.append(f"run.seeds={cfg.run.seeds}: expected distinct seeds")
-    for key in ("sft.warmup_ratio", "rm.warmup_ratio", "dpo.warmup_ratio"):
-        if not 0 <= _get(cfg, key) < 1:
-            problems.append(f"{key}={_get(cfg, key)}: expected in [0, 1)")
-    for key in ("label.annotators.flip_prob", "ppo.lam", "ppo.gamma"):
-        if not 0 <= _get(cfg, key) <= 1:
-            problems.append(f"{key}={_get(cfg, key)}: expected in [0, 1]")
-    for key in ("label.top_p", "ppo.top_p"):
-        if not 0 < _get(cfg, key) <= 1:
-            problems.append(f"{key}={_get(cfg, key)}: expected in (0, 1]")
-    for key in ("sft.train_size", "label.num_prompts", "ppo.num_prompts", "eval.num_prompts"):
-        if _get(cfg, key) is not None and _get(cfg, key) <= 0:
-            problems.append(f"{key}={_get(cfg, key)}: expected > 0 or null")
-    if cfg.label.k < 2:
-        problems.append(f"label.k={cfg.label.k}: expected >= 2 (a ranking needs two responses)")
-    if cfg.ppo.temperature <= 0:
-        problems.append(f"ppo.temperature={cfg.ppo.temperature}: expected > 0 (PPO samples)")
     if cfg.ppo.top_k > 0:
         problems.append(f"ppo.top_k={cfg.ppo.top_k}: PPO scores log-probs on the full "
                         "distribution, so sampling must not truncate it; expected 0")
@@ -926,7 +938,9 @@ def validate(cfg: Config) -> list[str]:
         problems.append(f"ppo.top_p={cfg.ppo.top_p}: PPO scores log-probs on the full "
                         "distribution, so sampling must not truncate it; expected 1.0")
     episodes = cfg.ppo.batch_size * cfg.ppo.samples_per_prompt
-    if cfg.ppo.samples_per_prompt == 1 and cfg.ppo.batch_size % cfg.ppo.num_minibatches:
+    if cfg.ppo.num_minibatches <= 0:
+        pass  # reported at the field
+    elif cfg.ppo.samples_per_prompt == 1 and cfg.ppo.batch_size % cfg.ppo.num_minibatches:
         problems.append(f"ppo.num_minibatches={cfg.ppo.num_minibatches}: must divide "
                         f"ppo.batch_size={cfg.ppo.batch_size}")
     elif episodes % cfg.ppo.num_minibatches:
@@ -1042,26 +1056,55 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _build(cls: type, values: dict, prefix: str, problems: list[str], base: Any = None) -> Any:
-    """Instantiate ``cls`` from ``base`` (or defaults) updated with ``values``."""
+    """Instantiate ``cls`` from ``base`` (or defaults) updated with ``values``. A key
+    ``(name, i)`` (from ``name[i]`` in a dotted override) sets item i of the list ``name``,
+    after every whole value is set."""
     obj = base if base is not None else cls()
     hints = _hints(cls)
-    for name, value in values.items():
-        key = f"{prefix}.{name}" if prefix else str(name)
-        if name not in hints:
+    for name, value in sorted(values.items(), key=lambda item: isinstance(item[0], tuple)):
+        field_name, index = name if isinstance(name, tuple) else (name, None)
+        key = f"{prefix}.{field_name}" if prefix else str(field_name)
+        if field_name not in hints:
             problems.append(f"{key}: unknown key (valid: {', '.join(sorted(hints))})")
             continue
-        tp = hints[name]
-        current = getattr(obj, name)
-        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-            setattr(obj, name, _build(tp, value, key, problems, base=current))
+        tp = hints[field_name]
+        current = getattr(obj, field_name)
+        if index is not None:
+            _set_item(obj, field_name, tp, index, value, key, problems)
+        elif dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            setattr(obj, field_name, _build(tp, value, key, problems, base=current))
         else:
             before = len(problems)
             coerced = _coerce(value, tp, key, problems)
             # A mistyped value (already reported) keeps the previous one, so the value checks
             # in validate() still run on sound types and report every other problem too.
             if len(problems) == before:
-                setattr(obj, name, coerced)
+                setattr(obj, field_name, coerced)
     return obj
+
+
+def _set_item(obj: Any, name: str, tp: Any, index: int, value: Any, key: str,
+              problems: list[str]) -> None:
+    """Item ``index`` of the list field ``name``: a mapping updates a section item (as a
+    mapping updates a section), anything else replaces the item."""
+    where = f"{key}[{index}]"
+    if typing.get_origin(tp) is not list:
+        problems.append(f"{where}: {key} is a {_type_name(tp)}, not a list")
+        return
+    items = getattr(obj, name)
+    if index >= len(items):
+        count = f"{len(items)} item" + ("" if len(items) == 1 else "s")
+        problems.append(f"{where}: no such item ({key} has {count}); set {key}=[...] to add "
+                        "or remove items")
+        return
+    (item_tp,) = typing.get_args(tp)
+    before = len(problems)
+    if dataclasses.is_dataclass(item_tp) and isinstance(value, dict):
+        item = _build(item_tp, value, where, problems, base=copy.deepcopy(items[index]))
+    else:
+        item = _coerce(value, item_tp, where, problems)
+    if len(problems) == before:
+        setattr(obj, name, [*items[:index], item, *items[index + 1:]])
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -1077,16 +1120,37 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _nest(dotted: dict[str, Any]) -> dict:
+_ITEM = re.compile(r"(\w+)\[(\d+)\]")
+
+
+def _nest(dotted: dict[str, Any], problems: list[str]) -> dict:
+    """``{"ppo.lr": 1, "ppo.rewards[0].weight": 2}`` -> ``{"ppo": {"lr": 1, ("rewards", 0):
+    {"weight": 2}}}``: a list item's key is the pair (field, index). A malformed key is a
+    problem and is left out."""
     tree: dict = {}
     for key, value in dotted.items():
+        names = key.split(".")
+        parts: list[Any] = []
+        for name in names:
+            item = _ITEM.fullmatch(name)
+            if item is not None:
+                parts.append((item[1], int(item[2])))
+            elif "[" in name or "]" in name:
+                problems.append(f"{key}: expected name[N] with N = 0, 1, ... for a list item, "
+                                f"got {name!r}")
+                break
+            else:
+                parts.append(name)
+        if len(parts) < len(names):
+            continue
         node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
+        for name, part in zip(names[:-1], parts[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError([f"{key}: {part} is not a section"])
-        node[parts[-1]] = value
+                problems.append(f"{key}: {name} is not a section")
+                break
+        else:
+            node[parts[-1]] = value
     return tree
 
 
@@ -1112,7 +1176,7 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] = ()
         cfg = _build(Config, values, "", file_problems, base=cfg)
         problems += [f"{path}: {p}" for p in file_problems]
     parsed = dict(parse_override(o) for o in overrides)
-    cfg = _build(Config, _nest(parsed), "", problems, base=cfg)
+    cfg = _build(Config, _nest(parsed, problems), "", problems, base=cfg)
     # The shipped data (the defaults) from any working directory.
     for f in dataclasses.fields(cfg.data):
         value = getattr(cfg.data, f.name)
@@ -1126,8 +1190,15 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] = ()
     return cfg
 
 
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: Any) -> Any:
+    """``dataclasses.asdict``, each section's keys in ``fields_in_order``."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in fields_in_order(type(cfg))}
+    if isinstance(cfg, dict):
+        return {key: to_dict(value) for key, value in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return type(cfg)(to_dict(value) for value in cfg)
+    return copy.deepcopy(cfg)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

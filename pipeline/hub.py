@@ -25,11 +25,11 @@ import yaml
 
 from pipeline.config import Config, RunConfig, hub_repo_id, to_dict
 from pipeline.errors import PipelineError
+from pipeline.files import read_manifest
 from pipeline.models import PACKAGED, PACKAGED_ORIGIN
-from pipeline.rundir import read_manifest
+from pipeline.normalization import NORMALIZATION_KEY, RewardNormalization
 
 CARD = "README.md"
-NORMALIZATION_KEY = "reward_normalization"
 
 # One sentence per stage for the card; a stage without one gets a generic sentence.
 STAGE_SUMMARY = {
@@ -57,16 +57,6 @@ STAGE_DATA = {
 # ---------------------------------------------------------------------------------------------
 
 
-def store_normalization(config, norm: dict) -> None:
-    """Put the reward stage's bias and scale into a transformers config (saved with it)."""
-    setattr(config, NORMALIZATION_KEY, {
-        "bias": float(norm["norm_bias"]),
-        "scale": float(norm["norm_scale"]),
-        "samples": int(norm.get("norm_samples", 0)),
-        "formula": "(score + bias) * scale",
-    })
-
-
 class RewardScorer:
     """A reward model folder (or hub id) scored as PPO scores a response.
 
@@ -85,7 +75,7 @@ class RewardScorer:
         self.model = AutoModelForSequenceClassification.from_pretrained(str(path)).to(device)
         self.model.eval()
         self.device = device
-        self.normalization = getattr(self.model.config, NORMALIZATION_KEY, None)
+        self.path = path
 
     def _ids(self, prompt: str | list[dict], response: str) -> list[int]:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
@@ -107,13 +97,8 @@ class RewardScorer:
     def __call__(self, prompts: Sequence[str | list[dict]],
                  responses: Sequence[str]) -> list[float]:
         """The normalized rewards (what PPO's reward term reads, before its clipping)."""
-        norm = self.normalization
-        if not norm:
-            raise PipelineError(
-                f"{self.model.config.name_or_path}: config.json has no {NORMALIZATION_KEY!r} "
-                "(a mid-run checkpoint, or a reward model saved before it was stored); "
-                "use RewardScorer.raw for unnormalized scores")
-        return [(r + norm["bias"]) * norm["scale"] for r in self.raw(prompts, responses)]
+        norm = RewardNormalization.from_model_config(self.model.config, self.path)
+        return [norm.apply(r) for r in self.raw(prompts, responses)]
 
 
 def load_reward_scorer(path: str | Path, device: str = "cpu") -> RewardScorer:
@@ -298,12 +283,13 @@ def model_card(stage_path: Path, manifest: dict, cfg: Config) -> str:
         lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
 
     if reward:
-        norm = (manifest.get("extras") or {})
+        norm = RewardNormalization.from_extras(manifest.get("extras") or {},
+                                               stage_path / "manifest.json")
         lines += ["", "## Reward normalization", "",
                   "PPO reads this model's score as `(score + bias) * scale` (then clipped to "
                   "`ppo.reward_clip`), which gives the SFT policy's own samples mean 0 and std "
-                  f"1: bias {_fmt(norm.get('norm_bias'))}, scale {_fmt(norm.get('norm_scale'))}, "
-                  f"measured on {norm.get('norm_samples')} samples. Both are stored in "
+                  f"1: bias {_fmt(norm.bias)}, scale {_fmt(norm.scale)}, "
+                  f"measured on {norm.samples} samples. Both are stored in "
                   f"`config.json` under `{NORMALIZATION_KEY}`. The score is the head's output "
                   "at the EOS that ends the response, as in the snippet below."]
 

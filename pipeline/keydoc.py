@@ -1,8 +1,9 @@
 """Every config key with its type, default and documentation, for ``rlhf COMMAND --help``.
 
 A key's documentation is the comment block right above its field in ``pipeline/config.py``
-(a section's, its class docstring). It is read from that module's source, so the dataclasses
-stay the one place a key is described.
+(a section's, its class docstring); a field a stage restates without a comment (a shared field
+with another default) keeps the comment of the base class that declares it. It is read from
+that module's source, so the dataclasses stay the one place a key is described.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import config as config_module
-from pipeline.config import Config, _type_name
+from pipeline.config import Config, _type_name, fields_in_order, to_dict
 
 # The sections each command reads besides the shared model, data, tracking and run.
 STAGE_SECTIONS = {"sft": ("sft",), "label": ("label",), "rm": ("rm",), "ppo": ("ppo",),
@@ -59,9 +60,16 @@ def field_comments() -> dict[str, dict[str, str]]:
     return found
 
 
+def field_doc(cls: type, name: str) -> str:
+    """The comment above field ``name`` in ``cls``, else in the nearest base class with one."""
+    docs = field_comments()
+    return next((docs[k.__name__][name] for k in cls.__mro__
+                 if docs.get(k.__name__, {}).get(name)), "")
+
+
 def _show(value: Any) -> str:
     """A default as it would be written in YAML (JSON is valid YAML flow style)."""
-    return json.dumps(value, default=dataclasses.asdict, ensure_ascii=False)
+    return json.dumps(value, default=to_dict, ensure_ascii=False)
 
 
 def section_keys(cls: type, prefix: str, value: Any = None) -> list[Key]:
@@ -69,14 +77,13 @@ def section_keys(cls: type, prefix: str, value: Any = None) -> list[Key]:
     list's items as ``ppo.rewards[].weight``."""
     value = cls() if value is None else value
     hints = typing.get_type_hints(cls)
-    docs = field_comments().get(cls.__name__, {})
     keys = []
-    for f in dataclasses.fields(cls):
+    for f in fields_in_order(cls):
         tp, name, current = hints[f.name], f"{prefix}.{f.name}", getattr(value, f.name)
         if dataclasses.is_dataclass(tp):
             keys += section_keys(tp, name, current)
             continue
-        keys.append(Key(name, _type_name(tp), _show(current), docs.get(f.name, "")))
+        keys.append(Key(name, _type_name(tp), _show(current), field_doc(cls, f.name)))
         if typing.get_origin(tp) is list:
             (item,) = typing.get_args(tp)
             if dataclasses.is_dataclass(item):
@@ -90,7 +97,10 @@ def sections(command: str) -> list[str]:
         return [*STAGE_SECTIONS[command], *SHARED_SECTIONS]
     if command == "report":
         return ["run"]
-    return [f.name for f in dataclasses.fields(Config)]
+    every = [f.name for f in dataclasses.fields(Config)]
+    if command == "scaling":
+        return ["scaling", *(s for s in every if s != "scaling")]
+    return every
 
 
 def section_class(section: str) -> type:

@@ -34,7 +34,7 @@ from transformers import (
 
 from pipeline.config import LoraConfig, ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.rundir import apply_umask
+from pipeline.files import apply_umask
 from pipeline.sharding import is_partial
 
 # short name -> (python package that ships the file, file name inside the package)

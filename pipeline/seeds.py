@@ -207,7 +207,9 @@ def run(cfg: Config, config_file: str | None, overrides: list[str], echo=print) 
     """Shared SFT, then one chain per seed (``run.seed_jobs`` at a time), then the table."""
     base = Path(cfg.run.root) / cfg.run.name
     sft_dir = base / "sft"
-    own = [o for o in overrides if not o.startswith(("run.seeds=", "run.seed_jobs="))]
+    # The sweep's own keys (run.seeds[1]=5 too) stay out of the chains' command lines.
+    own = [o for o in overrides
+           if o.split("=", 1)[0].split("[")[0].strip() not in ("run.seeds", "run.seed_jobs")]
     if not _complete(sft_dir):
         echo(f"[seeds] sft (shared by every seed) -> {sft_dir} ...")
         base.mkdir(parents=True, exist_ok=True)

@@ -40,8 +40,9 @@ from transformers import get_scheduler
 from pipeline import sharding
 from pipeline.config import Config, flatten, key_matches, to_dict, to_yaml
 from pipeline.errors import PipelineError
+from pipeline.files import apply_umask, atomic_write_text
 from pipeline.models import plain_copy
-from pipeline.rundir import apply_umask, atomic_write_text, latest_checkpoint
+from pipeline.rundir import latest_checkpoint
 from pipeline.runtime import rng_state, set_rng_state
 
 KEEP_CHECKPOINTS = 2
@@ -65,6 +66,14 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=eps,
                              fused=fused_adam_ok(decay + no_decay))
+
+
+def planned_steps(batches: int, num_processes: int, grad_accum_steps: int, epochs: int,
+                  max_steps: int) -> int:
+    """Optimizer steps of a run: ``max_steps`` when > 0, else ``epochs`` passes over
+    ``batches`` micro-batches shared among the processes."""
+    steps_per_epoch = max(1, math.ceil(batches / num_processes / grad_accum_steps))
+    return max_steps if max_steps > 0 else steps_per_epoch * epochs
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int,

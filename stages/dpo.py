@@ -50,17 +50,17 @@ from trl import DPOConfig, DPOTrainer
 from pipeline.config import Config, to_yaml
 from pipeline.data import RankedExample, column_map, load_prompts, load_ranked
 from pipeline.errors import PipelineError
+from pipeline.files import apply_umask, atomic_write_text
+from pipeline.lifecycle import Outcome, Stage
 from pipeline.models import (
-    load_policy,
     merged,
     peft_lora_config,
     plain_copy,
     save_pretrained_atomic,
-    tokenizer_sha256,
     trainable_parameters,
 )
 from pipeline.progress import progress
-from pipeline.rundir import StageDir, apply_umask, atomic_write_text
+from pipeline.rundir import StageDir
 from pipeline.runtime import prepare_process
 from pipeline.text import encode_prompt, greedy_samples
 from pipeline.tracking import Tracker
@@ -68,8 +68,6 @@ from pipeline.training import (
     KEEP_CHECKPOINTS,
     Guard,
     check_budget,
-    checkpoint_step,
-    resume_checkpoint,
 )
 from stages import ops
 from stages.reward import encode_group, open_inputs
@@ -297,123 +295,125 @@ def held_out(metrics: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+class DPO(Stage):
+    name = "dpo"
+    resumable = True
+
+    def make_accelerator(self):
+        # The Trainer builds its own Accelerator; until then the launcher's RANK says which
+        # process writes.
+        self.cpu = prepare_process(self.cfg)
+        os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+        return None
+
+    def check(self) -> None:
+        super().check()
+        cfg, c = self.cfg, self.cfg.dpo
+        self.world = world = int(os.environ.get("WORLD_SIZE", "1"))
+        sft, source, columns = open_inputs(self, "dpo")
+        examples = load_ranked(source, columns=columns)
+        self.sample_prompts = (load_prompts(cfg.data.eval, limit=c.num_samples,
+                                            columns=column_map(cfg.data.columns, "eval"))
+                               if c.num_samples else [])
+        self.policy, self.tok = self.load_policy(sft)
+        random.Random(cfg.run.seed).shuffle(examples)
+        if c.eval_size >= len(examples):
+            raise PipelineError(f"dpo.eval_size={c.eval_size} leaves no training prompts: "
+                                f"{source} has {len(examples)} ranked prompts")
+        self.train_prompts = len(examples) - c.eval_size
+        # Every row yields a pair: the ranked formats refuse a ranking that is all ties.
+        self.eval_rows, _ = preference_rows(self.tok, examples[: c.eval_size], cfg)
+        self.train_rows, self.truncated = preference_rows(self.tok, examples[c.eval_size:], cfg)
+        steps_per_epoch = max(1, math.ceil(len(self.train_rows) / (c.batch_size * world)
+                                           / c.grad_accum_steps))
+        self.total_steps = c.max_steps if c.max_steps > 0 else steps_per_epoch * c.epochs
+        check_budget("dpo", self.resume_from, self.total_steps,
+                     "dpo.max_steps" if c.max_steps > 0 else "dpo.epochs")
+
+        self.reference = None
+        self.peft_config = None
+        if c.lora.enabled:
+            self.peft_config = peft_lora_config(dataclasses.replace(c.lora, dropout=0.0))
+        else:
+            self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
+
+    def body(self) -> Outcome:
+        cfg, c = self.cfg, self.cfg.dpo
+        stage, guard, tracker, cpu = self.stage, self.guard, self.tracker, self.cpu
+        policy, tok, total_steps, resume_from = (self.policy, self.tok, self.total_steps,
+                                                 self.resume_from)
+        eval_rows, train_rows = self.eval_rows, self.train_rows
+        before: dict = {}
+        if resume_from is not None:
+            before = json.loads((resume_from / "state.json").read_text()).get("before", {})
+        bookkeeping = {"before": before}
+        evaluate_every = c.eval_every if eval_rows else 0
+        trainer = RankedDPOTrainer(
+            model=policy,
+            ref_model=self.reference,
+            args=trainer_args(cfg, stage, cpu, total_steps, evaluate_every),
+            train_dataset=Dataset.from_list(train_rows),
+            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+            processing_class=tok,
+            peft_config=self.peft_config,
+            callbacks=[StageCallback(cfg, stage, tracker, guard, tok, bookkeeping)],
+            guard=guard,
+            check_grad=c.mixed_precision != "fp16" or cpu,
+        )
+        trainer.remove_callback(PrinterCallback)
+        self.accelerator = trainer.accelerator
+        n_trainable, n_total = trainable_parameters(trainer.model)
+
+        def run_eval() -> dict:
+            if not eval_rows:
+                return {}
+            values = held_out(trainer.evaluate())
+            guard.check(trainer.state.global_step,
+                        **{f"held-out {k}": v for k, v in values.items()})
+            return values
+
+        # --- Train --------------------------------------------------------------------------------
+        if resume_from is None:
+            before.update(run_eval())
+        start = time.time()
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        train_seconds = time.time() - start
+        step = trainer.state.global_step
+        after = run_eval()
+
+        # --- Samples and save ---------------------------------------------------------------------
+        final = merged(trainer.accelerator.unwrap_model(trainer.model))
+        if self.is_main and c.num_samples:
+            samples = greedy_samples(final, tok, self.sample_prompts,
+                                     cfg.data.max_prompt_tokens, c.max_new_tokens)
+            stage.write_jsonl(stage.samples_path, samples)
+            tracker.log_table("samples", samples, step=step)
+        metrics: dict = {}
+        for suffix, values in (("before", before), ("after", after)):
+            metrics.update({f"eval_{k}_{suffix}": v for k, v in values.items()})
+        metrics.update({
+            "steps": step,
+            "train_prompts": self.train_prompts,
+            "eval_prompts": c.eval_size,
+            "train_pairs": len(train_rows),
+            "eval_pairs": len(eval_rows),
+            "truncated_responses": self.truncated,
+            "train_seconds": round(train_seconds, 2),
+            "wall_seconds": round(time.time() - self.started, 2),
+            "trainable_params": n_trainable,
+            "total_params": n_total,
+            "world_size": self.world,
+        })
+        if self.is_main:
+            save_pretrained_atomic(final, tok, stage.path / "model")
+            # The Trainer creates its output folder whether or not it saves a checkpoint there.
+            if stage.checkpoints.is_dir() and not any(stage.checkpoints.iterdir()):
+                stage.checkpoints.rmdir()
+        self.wait()
+        return Outcome(metrics, {"lora": c.lora.enabled, "beta": c.beta, "pairs": c.pairs,
+                                 "loss_type": c.loss_type, "trl_version": trl.__version__})
+
+
 def run(cfg: Config) -> Path:
-    c = cfg.dpo
-    wall_start = time.time()
-    cpu = prepare_process(cfg)
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    stage = StageDir(cfg, "dpo", is_main)
-    # Everything that can refuse the run does so before stage.start() clears an old dpo dir.
-    stage.check()
-    resume_from = resume_checkpoint(stage, cfg)
-    guard = Guard("dpo", stage.checkpoints)
-
-    # --- Setup: parents, data, pairs, policy ---------------------------------------------------
-    sft, label, source, columns = open_inputs(cfg, "dpo")
-    examples = load_ranked(source, columns=columns)
-    sample_prompts = (load_prompts(cfg.data.eval, limit=c.num_samples,
-                                   columns=column_map(cfg.data.columns, "eval"))
-                      if c.num_samples else [])
-    policy, tok = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(sft.model_dir))
-    tok_sha = tokenizer_sha256(tok)
-    if tok_sha != sft.manifest.get("tokenizer_sha256"):
-        raise PipelineError(f"dpo.sft: {sft.path}/model tokenizer does not match its manifest")
-    random.Random(cfg.run.seed).shuffle(examples)
-    if c.eval_size >= len(examples):
-        raise PipelineError(f"dpo.eval_size={c.eval_size} leaves no training prompts: {source} "
-                            f"has {len(examples)} ranked prompts")
-    # Every row yields a pair: the ranked formats refuse a ranking that is all ties.
-    eval_rows, _ = preference_rows(tok, examples[: c.eval_size], cfg)
-    train_rows, truncated = preference_rows(tok, examples[c.eval_size:], cfg)
-    steps_per_epoch = max(1, math.ceil(len(train_rows) / (c.batch_size * world)
-                                       / c.grad_accum_steps))
-    total_steps = c.max_steps if c.max_steps > 0 else steps_per_epoch * c.epochs
-    check_budget("dpo", resume_from, total_steps,
-                 "dpo.max_steps" if c.max_steps > 0 else "dpo.epochs")
-
-    reference = None
-    peft_config = None
-    if c.lora.enabled:
-        peft_config = peft_lora_config(dataclasses.replace(c.lora, dropout=0.0))
-    else:
-        reference = copy.deepcopy(policy).requires_grad_(False).eval()
-
-    stage.start()
-    before: dict = {}
-    if resume_from is not None:
-        before = json.loads((resume_from / "state.json").read_text()).get("before", {})
-    tracker = Tracker(cfg, "dpo", stage.path, is_main,
-                      resume_step=checkpoint_step(resume_from) if resume_from else None)
-    bookkeeping = {"before": before}
-    evaluate_every = c.eval_every if eval_rows else 0
-    trainer = RankedDPOTrainer(
-        model=policy,
-        ref_model=reference,
-        args=trainer_args(cfg, stage, cpu, total_steps, evaluate_every),
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        processing_class=tok,
-        peft_config=peft_config,
-        callbacks=[StageCallback(cfg, stage, tracker, guard, tok, bookkeeping)],
-        guard=guard,
-        check_grad=c.mixed_precision != "fp16" or cpu,
-    )
-    trainer.remove_callback(PrinterCallback)
-    n_trainable, n_total = trainable_parameters(trainer.model)
-
-    def run_eval() -> dict:
-        if not eval_rows:
-            return {}
-        values = held_out(trainer.evaluate())
-        guard.check(trainer.state.global_step, **{f"held-out {k}": v for k, v in values.items()})
-        return values
-
-    # --- Train ---------------------------------------------------------------------------------
-    if resume_from is None:
-        before.update(run_eval())
-    start = time.time()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    train_seconds = time.time() - start
-    step = trainer.state.global_step
-    after = run_eval()
-
-    # --- Samples and save ----------------------------------------------------------------------
-    final = merged(trainer.accelerator.unwrap_model(trainer.model))
-    if is_main and c.num_samples:
-        samples = greedy_samples(final, tok, sample_prompts, cfg.data.max_prompt_tokens,
-                                 c.max_new_tokens)
-        stage.write_jsonl(stage.samples_path, samples)
-        tracker.log_table("samples", samples, step=step)
-    metrics: dict = {}
-    for suffix, values in (("before", before), ("after", after)):
-        metrics.update({f"eval_{k}_{suffix}": v for k, v in values.items()})
-    metrics.update({
-        "steps": step,
-        "train_prompts": len(examples) - c.eval_size,
-        "eval_prompts": c.eval_size,
-        "train_pairs": len(train_rows),
-        "eval_pairs": len(eval_rows),
-        "truncated_responses": truncated,
-        "train_seconds": round(train_seconds, 2),
-        "wall_seconds": round(time.time() - wall_start, 2),
-        "trainable_params": n_trainable,
-        "total_params": n_total,
-        "world_size": world,
-    })
-    if is_main:
-        save_pretrained_atomic(final, tok, stage.path / "model")
-        # The Trainer creates its output folder whether or not it saves a checkpoint there.
-        if stage.checkpoints.is_dir() and not any(stage.checkpoints.iterdir()):
-            stage.checkpoints.rmdir()
-    trainer.accelerator.wait_for_everyone()
-    tracker.summary(metrics)
-    tracker.close()
-    parents = {"sft": sft, **({"label": label} if label else {})}
-    path = stage.finish(metrics=metrics, parents=parents, base_model=sft.manifest["base_model"],
-                        tokenizer_sha256=tok_sha,
-                        extras={"lora": c.lora.enabled, "beta": c.beta, "pairs": c.pairs,
-                                "loss_type": c.loss_type, "trl_version": trl.__version__})
-    trainer.accelerator.wait_for_everyone()
-    return path
+    """The DPO stage of ``cfg``'s run; returns its finished folder."""
+    return DPO(cfg).run()

@@ -8,7 +8,8 @@ and missing-EOS rate, rule violations and the safety cost. Between policies: gol
 
 Two views from the literature on top:
 - overoptimization (Gao et al. 2022): gold and RM score against KL to SFT for every PPO and DPO
-  snapshot, so a proxy reward that keeps rising while the gold score turns down shows up;
+  snapshot, so a proxy reward that keeps rising while the gold score turns down shows up, and
+  for best-of-n at every n up to eval.best_of_n (from the same samples);
 - calibration probe (GPT-4 report): a four-way multiple-choice version of the eval split, read
   from the next-token distribution over the answer letters; RLHF tends to hurt calibration.
 
@@ -21,6 +22,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,29 +30,24 @@ from accelerate.utils import gather_object
 
 from pipeline.config import Config
 from pipeline.data import PromptExample, column_map, load_prompts
-from pipeline.models import load_policy, load_reward_model, position_ids, tokenizer_sha256
+from pipeline.lifecycle import Outcome, Stage
+from pipeline.models import load_policy, load_reward_model, position_ids
+from pipeline.normalization import RewardNormalization
 from pipeline.progress import progress
 from pipeline.rundir import (
+    MANIFEST,
     Parent,
-    StageDir,
     atomic_write_json,
-    check_same_tokenizer,
-    open_parent,
     ppo_algorithm,
 )
-from pipeline.rundir import stage_dir as parent_dir
-from pipeline.runtime import make_accelerator
 from pipeline.text import decode, encode_prompt, eos_ids, generate, pad, pad_prompts
-from pipeline.tracking import Tracker
 from pipeline.training import NonFiniteError
 from stages import ops
-from stages.ppo import response_logprobs
-from stages.reward import score_sequences
+from stages.composite import RewardSpec
 from stages.rewards import length_bounds, load_checked_judge, no_headword, profanity_cost
-from stages.scoring import PolicyModel, ScoreModel
+from stages.scoring import PolicyModel, ScoreModel, response_logprobs, score_sequences
 
 LETTERS = ("A", "B", "C", "D")
-POLICIES = ("base", "sft", "bon", "ppo", "dpo")
 # Policies trained from the SFT policy by a stage of that name, whose folder eval.<name> gives
 # ("" = the run's, skipped when absent): each is sampled and measured like SFT, with its KL to
 # SFT, and its snapshots/ join the overoptimization view. A new one is an entry here, in
@@ -199,9 +196,35 @@ def best_of_n_kl(n: int) -> float:
     return float(np.log(n) - (n - 1) / n)
 
 
+def best_of_n_curve(scores, values) -> list[float]:
+    """For n = 1..N, the mean over prompts of the expected value of the best-of-n pick when n
+    of a prompt's N candidates are drawn without replacement (Gao et al. 2022's unbiased
+    estimator: every n from the same N samples). ``scores``, ``values``: (prompts, N).
+
+    Sorted by score, the i-th lowest of N (1-based) is the best of a random n-subset with
+    probability C(i-1, n-1) / C(N, n). Tied scores rank the earlier candidate higher, as the
+    best-of-N pick does.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape != values.shape or scores.shape[0] == 0:
+        raise ValueError(f"best_of_n_curve: expected two (prompts, N) arrays of one shape, got "
+                         f"{scores.shape} and {values.shape}")
+    n_cand = scores.shape[1]
+    position = np.broadcast_to(np.arange(n_cand), scores.shape)
+    order = np.lexsort((-position, scores), axis=1)  # ascending score, ties: later first
+    ranked = np.take_along_axis(values, order, axis=1)
+    out = []
+    for n in range(1, n_cand + 1):
+        weight = np.array([math.comb(i - 1, n - 1) for i in range(1, n_cand + 1)], dtype=np.float64)
+        out.append(float((ranked @ (weight / math.comb(n_cand, n))).mean()))
+    return out
+
+
 def best_of_n(model, tok, prompts: list[list[int]], cfg: Config, seed: int, first: Samples,
-              scorers: Scorers) -> Samples:
-    """Per prompt, the highest-RM-scored of ``eval.best_of_n`` samples from ``model``.
+              scorers: Scorers) -> tuple[Samples, list[Samples], np.ndarray]:
+    """Per prompt, the highest-RM-scored of ``eval.best_of_n`` samples from ``model``; (the
+    picks, every candidate, their RM scores (N, prompts)).
 
     ``first`` is the policy's own evaluation sample (seed ``seed``), reused as candidate 0; the
     others use seeds that no evaluated policy uses. Ties keep the earliest candidate.
@@ -213,7 +236,7 @@ def best_of_n(model, tok, prompts: list[list[int]], cfg: Config, seed: int, firs
     pick = [candidates[j] for j in best]
     return Samples([s.tokens[i] for i, s in enumerate(pick)],
                    [s.texts[i] for i, s in enumerate(pick)],
-                   [s.has_eos[i] for i, s in enumerate(pick)])
+                   [s.has_eos[i] for i, s in enumerate(pick)]), candidates, scores
 
 
 @torch.no_grad()
@@ -240,17 +263,20 @@ def sequence_kl(model, reference, tok, prompts: list[list[int]], responses: list
     return out
 
 
+@dataclass
 class Scorers:
-    """Gold judge and (optional) normalized reward model over one shard's responses."""
+    """Gold judge, (optional) normalized reward model and the terms of PPO's reward over one
+    shard's responses."""
 
-    def __init__(self, judge, reward_model, norm: dict, tok, batch_size: int, device):
-        self.judge = judge
-        self.reward_model = reward_model
-        self.bias = float(norm.get("norm_bias", 0.0))
-        self.scale = float(norm.get("norm_scale", 1.0))
-        self.tok = tok
-        self.batch_size = batch_size
-        self.device = device
+    judge: Any
+    # The reward model and its normalization; None without a reward-model stage.
+    reward_model: ScoreModel | None
+    norm: RewardNormalization | None
+    # The reward PPO trained on (see ppo_objective).
+    spec: RewardSpec
+    tok: Any
+    batch_size: int
+    device: torch.device
 
     def gold(self, examples: list[PromptExample], texts: list[str]) -> list[float]:
         if not texts:
@@ -258,12 +284,31 @@ class Scorers:
         return self.judge.score([e.prompt for e in examples], texts,
                                 [e.reference for e in examples])
 
-    def rm(self, prompts: list[list[int]], tokens: list[list[int]]) -> list[float] | None:
+    def rm_raw(self, prompts: list[list[int]], tokens: list[list[int]]) -> torch.Tensor | None:
         if self.reward_model is None:
             return None
-        raw = score_sequences(self.reward_model, [p + t for p, t in zip(prompts, tokens)],
-                              self.tok.pad_token_id, self.batch_size, self.device)
-        return ((raw + self.bias) * self.scale).tolist()
+        return score_sequences(self.reward_model, [p + t for p, t in zip(prompts, tokens)],
+                               self.tok.pad_token_id, self.batch_size, self.device)
+
+    def rm(self, prompts: list[list[int]], tokens: list[list[int]]) -> list[float] | None:
+        raw = self.rm_raw(prompts, tokens)
+        return None if raw is None else self.norm.apply(raw).tolist()
+
+    def reward_terms(self, raw: torch.Tensor | None, questions: list[str], samples: Samples,
+                     metas: list[dict]) -> dict[str, list[float]]:
+        """Per response, each term of PPO's reward (``reward/<key>``), and with every term at
+        hand the score PPO trained on (and the constraint's cost with PPO-Lagrangian)."""
+        # Without a reward model the model term is left out, and so is the incomplete sum.
+        whole = raw is not None or not self.spec.has_model
+        spec = self.spec if whole else self.spec.without_model()
+        scored = spec.combine(raw, questions, samples.texts, metas,
+                              torch.tensor(samples.has_eos, dtype=torch.bool))
+        out = {f"reward/{k}": v.tolist() for k, v in scored.parts.items() if k != "rm_raw"}
+        if whole:
+            out["reward/score"] = scored.score.tolist()
+            if self.spec.lagrangian:
+                out["reward/constraint_cost"] = scored.cost.tolist()
+        return out
 
 
 def measure(samples: Samples, examples: list[PromptExample], prompts: list[list[int]],
@@ -272,15 +317,17 @@ def measure(samples: Samples, examples: list[PromptExample], prompts: list[list[
     texts = samples.texts
     questions = [e.prompt for e in examples]
     metas = [{"word": e.word, "reference": e.reference} for e in examples]
+    raw = scorers.rm_raw(prompts, samples.tokens)
     return {
         "text": texts,
         "gold": scorers.gold(examples, texts),
-        "rm": scorers.rm(prompts, samples.tokens),
+        "rm": None if raw is None else scorers.norm.apply(raw).tolist(),
         "length": [len(t) for t in samples.tokens],
         "no_eos": [not e for e in samples.has_eos],
         "headword_violation": [v < 0 for v in no_headword(questions, texts, metas)],
         "length_violation": [v < 0 for v in length_bounds(questions, texts, metas)],
         "cost": profanity_cost(questions, texts, metas),
+        **scorers.reward_terms(raw, questions, samples, metas),
     }
 
 
@@ -305,6 +352,8 @@ def policy_row(rows: list[dict], c, seed: int) -> dict:
         "length_violation_frac": float(np.mean([r["length_violation"] for r in rows])),
         "cost_mean": float(np.mean([r["cost"] for r in rows])),
     }
+    out["reward_terms"] = {k.removeprefix("reward/"): float(np.mean([r[k] for r in rows]))
+                           for k in rows[0] if k.startswith("reward/")}
     if "rm" in rows[0]:
         out["rm"] = summary([r["rm"] for r in rows], c.bootstrap, seed)
     if "kl" in rows[0]:
@@ -318,13 +367,15 @@ def policy_row(rows: list[dict], c, seed: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def optional_parent(cfg: Config, stage: str, override: str, role: str) -> Parent | None:
-    """A parent that may be absent: no folder -> None; a folder without a complete manifest
-    (or of the wrong stage) -> error, as for required parents. An explicit path must exist."""
-    path = parent_dir(cfg, stage, override)
-    if not override and not path.exists():
-        return None
-    return open_parent(path, stage, role)
+def ppo_objective(cfg: Config, ppo: Parent | None,
+                  norm: RewardNormalization | None) -> RewardSpec:
+    """The reward the evaluated PPO policy was trained on: the spec its manifest recorded, or
+    (no PPO stage, or one from before the spec was recorded) this config's ``ppo.rewards``.
+    Its model term reads eval's reward model."""
+    record = ppo.extras.get("reward") if ppo is not None else None
+    if record is None:
+        return RewardSpec.from_config(cfg.ppo, norm)
+    return RewardSpec.from_record(record, norm, f"{ppo.path / MANIFEST}: extras.reward")
 
 
 def snapshot_dirs(parent: Parent) -> list[tuple[int, Path]]:
@@ -346,205 +397,224 @@ def snapshot_dirs(parent: Parent) -> list[tuple[int, Path]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def run(cfg: Config) -> Path:
-    c = cfg.eval
-    wall_start = time.time()
-    accelerator = make_accelerator(cfg)
-    device = accelerator.device
-    seed = cfg.run.seed + accelerator.process_index
+class Eval(Stage):
+    name = "eval"
 
-    # --- Setup: everything that can refuse the run does so before the eval dir is cleared ----
-    sft = open_parent(parent_dir(cfg, "sft", c.sft), "sft", "eval.sft")
-    trained = {name: optional_parent(cfg, name, getattr(c, name), f"eval.{name}")
-               for name in TRAINED}
-    trained = {name: parent for name, parent in trained.items() if parent is not None}
-    rm = optional_parent(cfg, "rm", c.reward_model, "eval.reward_model")
-    examples = load_prompts(cfg.data.eval, limit=c.num_prompts,
-                            columns=column_map(cfg.data.columns, "eval"),
-                            require_reference="the gold judge and the calibration probe need one")
-    sft_model, tok = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(sft.model_dir))
-    tok_sha = tokenizer_sha256(tok)
-    roles = {"eval.sft": sft, "eval.reward_model": rm,
-             **{f"eval.{name}": parent for name, parent in trained.items()}}
-    for role, parent in roles.items():
-        if parent is not None:
-            check_same_tokenizer(tok_sha, parent, role)
-    judge = load_checked_judge("eval.judge", c.judge,
-                               **({"device": str(device)} if c.judge == "minilm" else {}))
-    reward_model = None
-    if rm is not None:
-        reward_model = ScoreModel(load_reward_model(rm.model_dir, cfg.model, tok)).to(device)
-    scorers = Scorers(judge, reward_model, rm.extras if rm else {}, tok, c.batch_size, device)
-    try:
-        questions = multiple_choice(examples, cfg.run.seed)[: c.calibration_questions]
-    except ValueError:
-        questions = []
+    def check(self) -> None:
+        super().check()
+        cfg, c = self.cfg, self.cfg.eval
+        device = self.accelerator.device
+        sft = self.open("sft", "sft", c.sft, "eval.sft")
+        self.trained = {name: parent for name in TRAINED
+                        if (parent := self.open(name, name, getattr(c, name), f"eval.{name}",
+                                                optional=True)) is not None}
+        rm = self.open("reward_model", "rm", c.reward_model, "eval.reward_model", optional=True)
+        norm = RewardNormalization.of(rm) if rm is not None else None
+        spec = ppo_objective(cfg, self.trained.get("ppo"), norm)
+        self.examples = load_prompts(cfg.data.eval, limit=c.num_prompts,
+                                     columns=column_map(cfg.data.columns, "eval"),
+                                     require_reference="the gold judge and the calibration "
+                                                       "probe need one")
+        self.sft_model, self.tok = self.load_policy(sft)
+        judge = load_checked_judge("eval.judge", c.judge,
+                                   **({"device": str(device)} if c.judge == "minilm" else {}))
+        self.reward_model = None
+        if rm is not None:
+            self.reward_model = ScoreModel(load_reward_model(rm.model_dir, cfg.model,
+                                                             self.tok)).to(device)
+        self.scorers = Scorers(judge, self.reward_model, norm, spec, self.tok, c.batch_size,
+                               device)
+        try:
+            self.questions = multiple_choice(self.examples,
+                                             cfg.run.seed)[: c.calibration_questions]
+        except ValueError:
+            self.questions = []
 
-    stage = StageDir(cfg, "eval", accelerator.is_main_process)
-    stage.start()
-    tracker = Tracker(cfg, "eval", stage.path, accelerator.is_main_process)
+    def body(self) -> Outcome:
+        cfg, c = self.cfg, self.cfg.eval
+        accelerator, stage, tracker = self.accelerator, self.stage, self.tracker
+        device = accelerator.device
+        seed = cfg.run.seed + accelerator.process_index
+        examples, questions, trained, tok = self.examples, self.questions, self.trained, self.tok
+        sft_model, reward_model, scorers = self.sft_model, self.reward_model, self.scorers
+        rm = self.parents.get("reward_model")
 
-    with accelerator.split_between_processes(list(range(len(examples)))) as shard:
-        shard = list(shard)
-    with accelerator.split_between_processes(list(range(len(questions)))) as q_shard:
-        q_shard = list(q_shard)
-    mine = [examples[i] for i in shard]
-    prompts = [encode_prompt(tok, e.chat, cfg.data.max_prompt_tokens) for e in mine]
-    # The question lists four definitions: allow it the model's whole context.
-    q_limit = max(cfg.data.max_prompt_tokens,
-                  getattr(sft_model.config, "max_position_embeddings", 512) - 1)
-    q_prompts = [encode_prompt(tok, questions[i].prompt, q_limit) for i in q_shard]
+        with accelerator.split_between_processes(list(range(len(examples)))) as shard:
+            shard = list(shard)
+        with accelerator.split_between_processes(list(range(len(questions)))) as q_shard:
+            q_shard = list(q_shard)
+        mine = [examples[i] for i in shard]
+        prompts = [encode_prompt(tok, e.chat, cfg.data.max_prompt_tokens) for e in mine]
+        # The question lists four definitions: allow it the model's whole context.
+        q_limit = max(cfg.data.max_prompt_tokens,
+                      getattr(sft_model.config, "max_position_embeddings", 512) - 1)
+        q_prompts = [encode_prompt(tok, questions[i].prompt, q_limit) for i in q_shard]
 
-    per_policy: dict[str, list[dict]] = {}
-    probe: dict[str, list[dict]] = {}
-    snapshots = {name: snapshot_dirs(parent) for name, parent in trained.items()}
-    n_policies = 2 + (c.best_of_n > 1 and reward_model is not None) + len(trained)
-    bar = progress(n_policies + sum(map(len, snapshots.values())), "eval",
-                   cfg.tracking.progress and accelerator.is_main_process, unit="policy")
+        per_policy: dict[str, list[dict]] = {}
+        probe: dict[str, list[dict]] = {}
+        snapshots = {name: snapshot_dirs(parent) for name, parent in trained.items()}
+        n_policies = 2 + (c.best_of_n > 1 and reward_model is not None) + len(trained)
+        bar = progress(n_policies + sum(map(len, snapshots.values())), "eval",
+                       cfg.tracking.progress and accelerator.is_main_process, unit="policy")
 
-    def done(name: str, rows: list[dict]) -> None:
-        bar.update(1)
-        bar.log(**{f"gold_{name}": float(np.mean([r["gold"] for r in rows]))})
+        def done(name: str, rows: list[dict]) -> None:
+            bar.update(1)
+            bar.log(**{f"gold_{name}": float(np.mean([r["gold"] for r in rows]))})
 
-    def evaluate_policy(name: str, model, reference=None, ref_name: str | None = None) -> Samples:
-        samples = sample(model, tok, prompts, cfg, seed)
-        columns = measure(samples, mine, prompts, scorers)
-        if reference is not None:
-            columns["kl"] = sequence_kl(model, reference, tok, prompts, samples.tokens,
-                                        c.temperature, c.batch_size)
-            columns["kl_reference"] = [ref_name] * len(shard)
-        per_policy[name] = gathered(rows_of(columns, shard))
-        probs = answer_distribution(model, tok, q_prompts, c.batch_size)
-        probe[name] = gathered([
-            {"index": i, "probs": p.tolist(), "answer": questions[i].answer}
-            for i, p in zip(q_shard, probs)])
-        done(name, per_policy[name])
-        return samples
+        def evaluate_policy(name: str, model, reference=None,
+                            ref_name: str | None = None) -> Samples:
+            samples = sample(model, tok, prompts, cfg, seed)
+            columns = measure(samples, mine, prompts, scorers)
+            if reference is not None:
+                columns["kl"] = sequence_kl(model, reference, tok, prompts, samples.tokens,
+                                            c.temperature, c.batch_size)
+                columns["kl_reference"] = [ref_name] * len(shard)
+            per_policy[name] = gathered(rows_of(columns, shard))
+            probs = answer_distribution(model, tok, q_prompts, c.batch_size)
+            probe[name] = gathered([
+                {"index": i, "probs": p.tolist(), "answer": questions[i].answer}
+                for i, p in zip(q_shard, probs)])
+            done(name, per_policy[name])
+            return samples
 
-    # --- Base and SFT ----------------------------------------------------------------------------
-    sft_model.to(device)
-    base_model, _ = load_policy(cfg.model, seed=cfg.run.seed)
-    base_model.to(device)
-    evaluate_policy("base", base_model)
-    sft_samples = evaluate_policy("sft", sft_model, base_model, "base")
-    del base_model
+        # --- Base and SFT -------------------------------------------------------------------------
+        sft_model.to(device)
+        base_model, _ = load_policy(cfg.model, seed=cfg.run.seed)
+        base_model.to(device)
+        evaluate_policy("base", base_model)
+        sft_samples = evaluate_policy("sft", sft_model, base_model, "base")
+        del base_model
 
-    # --- Best-of-N against the reward model (Gao et al.'s other optimizer) -------------------
-    if c.best_of_n > 1 and reward_model is not None:
-        chosen = best_of_n(sft_model, tok, prompts, cfg, seed, sft_samples, scorers)
-        columns = measure(chosen, mine, prompts, scorers)
-        columns["kl"] = [best_of_n_kl(c.best_of_n)] * len(shard)
-        columns["kl_reference"] = ["sft"] * len(shard)
-        per_policy["bon"] = gathered(rows_of(columns, shard))
-        done("bon", per_policy["bon"])
+        # --- Best-of-N against the reward model (Gao et al.'s other optimizer) -------------------
+        bon_candidates: list[dict] = []
+        if c.best_of_n > 1 and reward_model is not None:
+            chosen, candidates, scores = best_of_n(sft_model, tok, prompts, cfg, seed, sft_samples,
+                                                   scorers)
+            columns = measure(chosen, mine, prompts, scorers)
+            columns["kl"] = [best_of_n_kl(c.best_of_n)] * len(shard)
+            columns["kl_reference"] = ["sft"] * len(shard)
+            per_policy["bon"] = gathered(rows_of(columns, shard))
+            # Every candidate's gold score too (N judge passes, no sampling): best-of-n for each
+            # n <= N from the same samples, the points of Gao et al.'s best-of-n curve.
+            golds = np.array([scorers.gold(mine, s.texts) for s in candidates]).reshape(
+                len(candidates), len(shard))
+            bon_candidates = gathered([{"index": i, "rm": scores[:, j].tolist(),
+                                        "gold": golds[:, j].tolist()} for j, i in enumerate(shard)])
+            done("bon", per_policy["bon"])
 
-    # --- PPO, DPO and their snapshots (overoptimization) -----------------------------------------
-    overopt_local: list[tuple[str, int, list[dict]]] = []
-    for name, parent in trained.items():
-        model, _ = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(parent.model_dir))
-        evaluate_policy(name, model.to(device), sft_model, KL_REFERENCE[name])
-        del model
-        for update, folder in snapshots[name]:
-            snap, _ = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(folder))
-            snap.to(device)
-            samples = sample(snap, tok, prompts, cfg, seed)
-            columns = {
-                "gold": scorers.gold(mine, samples.texts),
-                "rm": scorers.rm(prompts, samples.tokens),
-                "kl": sequence_kl(snap, sft_model, tok, prompts, samples.tokens,
-                                  c.temperature, c.batch_size),
+        # --- PPO, DPO and their snapshots (overoptimization) --------------------------------------
+        overopt_local: list[tuple[str, int, list[dict]]] = []
+        for name, parent in trained.items():
+            model, _ = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(parent.model_dir))
+            evaluate_policy(name, model.to(device), sft_model, KL_REFERENCE[name])
+            del model
+            for update, folder in snapshots[name]:
+                snap, _ = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(folder))
+                snap.to(device)
+                samples = sample(snap, tok, prompts, cfg, seed)
+                columns = {
+                    "gold": scorers.gold(mine, samples.texts),
+                    "rm": scorers.rm(prompts, samples.tokens),
+                    "kl": sequence_kl(snap, sft_model, tok, prompts, samples.tokens,
+                                      c.temperature, c.batch_size),
+                }
+                overopt_local.append((name, update, gathered(rows_of(columns, shard))))
+                done(f"{name}@{update}", overopt_local[-1][2])
+                del snap
+        bar.close()
+
+        # --- Aggregate (main writes) --------------------------------------------------------------
+        results: dict = {"run": cfg.run.name, "num_prompts": len(examples),
+                         "best_of_n": c.best_of_n if "bon" in per_policy else None,
+                         "temperature": c.temperature, "max_new_tokens": c.max_new_tokens,
+                         "judge": c.judge, "bootstrap": c.bootstrap,
+                         "reward_model": str(rm.path) if rm else None,
+                         "ppo_algorithm": (ppo_algorithm(trained["ppo"].manifest)
+                                           if "ppo" in trained else None),
+                         "reward_spec": scorers.spec.record(), "policies": {}, "win_rates": {}}
+        for name, rows in per_policy.items():
+            results["policies"][name] = policy_row(rows, c, cfg.run.seed)
+        for a, b in WIN_RATE_PAIRS:
+            if a in per_policy and b in per_policy:
+                wins = win_outcomes([r["gold"] for r in per_policy[a]],
+                                    [r["gold"] for r in per_policy[b]])
+                results["win_rates"][f"{a}_vs_{b}"] = summary(wins, c.bootstrap, cfg.run.seed)
+
+        def point(update, rows):
+            rm_values = [r["rm"] for r in rows if "rm" in r]
+            return {"update": update, "kl": float(np.mean([r.get("kl", 0.0) for r in rows])),
+                    "gold": float(np.mean([r["gold"] for r in rows])),
+                    "rm": float(np.mean(rm_values)) if rm_values else None}
+
+        # One curve per trained policy ("method"), each from the SFT point through its snapshots
+        # ("update": PPO updates or DPO optimizer steps) to the final policy.
+        overopt = []
+        if trained:
+            sft_point = point(0, per_policy["sft"])
+            sft_point["kl"] = 0.0
+            overopt = [{**sft_point, "policy": "sft", "method": "sft"}]
+        for name, parent in trained.items():
+            curve = [{**point(u, rows), "policy": "snapshot", "method": name}
+                     for n, u, rows in overopt_local if n == name]
+            finished = parent.manifest.get("metrics", {})
+            last = int(finished.get("updates") or finished.get("steps") or 0) or (
+                curve[-1]["update"] + 1 if curve else 1)
+            overopt += [*curve, {**point(last, per_policy[name]), "policy": name, "method": name}]
+        results["overoptimization"] = overopt
+        if bon_candidates:
+            rm_table = [r["rm"] for r in bon_candidates]
+            gold_curve = best_of_n_curve(rm_table, [r["gold"] for r in bon_candidates])
+            rm_curve = best_of_n_curve(rm_table, rm_table)
+            results["best_of_n_curve"] = [
+                {"n": n, "kl": best_of_n_kl(n), "gold": g, "rm": r}
+                for n, (g, r) in enumerate(zip(gold_curve, rm_curve), start=1)]
+
+        calibration = {"bins": c.calibration_bins, "num_questions": len(questions),
+                       "letters": list(LETTERS), "policies": {}}
+        for name, rows in probe.items():
+            if not rows:
+                continue
+            probs = torch.tensor([r["probs"] for r in rows])
+            answers = torch.tensor([r["answer"] for r in rows])
+            confidence, chosen = probs.max(dim=-1)
+            correct = chosen == answers
+            ece, bins = ops.expected_calibration_error(confidence, correct, c.calibration_bins)
+            calibration["policies"][name] = {
+                "accuracy": float(correct.double().mean()),
+                "mean_confidence": float(confidence.double().mean()),
+                "ece": ece,
+                "bins": bins,
             }
-            overopt_local.append((name, update, gathered(rows_of(columns, shard))))
-            done(f"{name}@{update}", overopt_local[-1][2])
-            del snap
-    bar.close()
+        results["calibration"] = calibration
 
-    # --- Aggregate (main writes) -----------------------------------------------------------------
-    results: dict = {"run": cfg.run.name, "num_prompts": len(examples),
-                     "best_of_n": c.best_of_n if "bon" in per_policy else None,
-                     "temperature": c.temperature, "max_new_tokens": c.max_new_tokens,
-                     "judge": c.judge, "bootstrap": c.bootstrap,
-                     "reward_model": str(rm.path) if rm else None,
-                     "ppo_algorithm": (ppo_algorithm(trained["ppo"].manifest) if "ppo" in trained
-                                       else None),
-                     "policies": {}, "win_rates": {}}
-    for name, rows in per_policy.items():
-        results["policies"][name] = policy_row(rows, c, cfg.run.seed)
-    for a, b in WIN_RATE_PAIRS:
-        if a in per_policy and b in per_policy:
-            wins = win_outcomes([r["gold"] for r in per_policy[a]],
-                                [r["gold"] for r in per_policy[b]])
-            results["win_rates"][f"{a}_vs_{b}"] = summary(wins, c.bootstrap, cfg.run.seed)
+        metrics = headline(results)
+        metrics["wall_seconds"] = round(time.time() - self.started, 2)
+        # A NaN gold score or KL (a diverged policy, a broken reward model) must not be written up
+        # as a result: nothing is marked complete.
+        bad = next((k for k, v in metrics.items()
+                    if isinstance(v, float) and not math.isfinite(v)), None)
+        if bad is not None:
+            raise NonFiniteError(f"eval: {bad} is {metrics[bad]}; no results written")
+        results["metrics"] = metrics
+        if accelerator.is_main_process:
+            atomic_write_json(stage.path / "results.json", results)
+            stage.write_jsonl(stage.samples_path, sample_rows(examples, per_policy))
+            # In step order (wandb drops a step below one it has seen), a key per curve.
+            for p in sorted(overopt, key=lambda p: p["update"]):
+                tracker.log({f"overopt/{p['method']}/{k}": v for k, v in p.items()
+                             if isinstance(v, float)}, step=p["update"])
+            tracker.log({f"final/{k}": v for k, v in metrics.items() if v is not None},
+                        step=max((p["update"] for p in overopt), default=0))
+            tracker.log_table("samples", [
+                {"prompt": r["prompt"], **{k: r[k]["response"] for k in per_policy}}
+                for r in sample_rows(examples[:8], per_policy)], step=0)
+        return Outcome(metrics, {"results": "results.json",
+                                 "world_size": accelerator.num_processes})
 
-    def point(update, rows):
-        rm_values = [r["rm"] for r in rows if "rm" in r]
-        return {"update": update, "kl": float(np.mean([r.get("kl", 0.0) for r in rows])),
-                "gold": float(np.mean([r["gold"] for r in rows])),
-                "rm": float(np.mean(rm_values)) if rm_values else None}
 
-    # One curve per trained policy ("method"), each from the SFT point through its snapshots
-    # ("update": PPO updates or DPO optimizer steps) to the final policy.
-    overopt = []
-    if trained:
-        sft_point = point(0, per_policy["sft"])
-        sft_point["kl"] = 0.0
-        overopt = [{**sft_point, "policy": "sft", "method": "sft"}]
-    for name, parent in trained.items():
-        curve = [{**point(u, rows), "policy": "snapshot", "method": name}
-                 for n, u, rows in overopt_local if n == name]
-        finished = parent.manifest.get("metrics", {})
-        last = int(finished.get("updates") or finished.get("steps") or 0) or (
-            curve[-1]["update"] + 1 if curve else 1)
-        overopt += [*curve, {**point(last, per_policy[name]), "policy": name, "method": name}]
-    results["overoptimization"] = overopt
-
-    calibration = {"bins": c.calibration_bins, "num_questions": len(questions),
-                   "letters": list(LETTERS), "policies": {}}
-    for name, rows in probe.items():
-        if not rows:
-            continue
-        probs = torch.tensor([r["probs"] for r in rows])
-        answers = torch.tensor([r["answer"] for r in rows])
-        confidence, chosen = probs.max(dim=-1)
-        correct = chosen == answers
-        ece, bins = ops.expected_calibration_error(confidence, correct, c.calibration_bins)
-        calibration["policies"][name] = {
-            "accuracy": float(correct.double().mean()),
-            "mean_confidence": float(confidence.double().mean()),
-            "ece": ece,
-            "bins": bins,
-        }
-    results["calibration"] = calibration
-
-    metrics = headline(results)
-    metrics["wall_seconds"] = round(time.time() - wall_start, 2)
-    # A NaN gold score or KL (a diverged policy, a broken reward model) must not be written up
-    # as a result: nothing is marked complete.
-    bad = next((k for k, v in metrics.items()
-                if isinstance(v, float) and not math.isfinite(v)), None)
-    if bad is not None:
-        raise NonFiniteError(f"eval: {bad} is {metrics[bad]}; no results written")
-    results["metrics"] = metrics
-    if accelerator.is_main_process:
-        atomic_write_json(stage.path / "results.json", results)
-        stage.write_jsonl(stage.samples_path, sample_rows(examples, per_policy))
-        # In step order (wandb drops a step below one it has seen), a key per curve.
-        for p in sorted(overopt, key=lambda p: p["update"]):
-            tracker.log({f"overopt/{p['method']}/{k}": v for k, v in p.items()
-                         if isinstance(v, float)}, step=p["update"])
-        tracker.log({f"final/{k}": v for k, v in metrics.items() if v is not None},
-                    step=max((p["update"] for p in overopt), default=0))
-        tracker.log_table("samples", [
-            {"prompt": r["prompt"], **{k: r[k]["response"] for k in per_policy}}
-            for r in sample_rows(examples[:8], per_policy)], step=0)
-    tracker.summary(metrics)
-    tracker.close()
-    parents = {"sft": sft, **trained, **({"reward_model": rm} if rm else {})}
-    path = stage.finish(metrics=metrics, parents=parents, base_model=sft.manifest["base_model"],
-                        tokenizer_sha256=tok_sha,
-                        extras={"results": "results.json", "world_size": accelerator.num_processes})
-    accelerator.wait_for_everyone()
-    return path
+def run(cfg: Config) -> Path:
+    """The eval stage of ``cfg``'s run; returns its finished folder."""
+    return Eval(cfg).run()
 
 
 def headline(results: dict) -> dict:

@@ -8,7 +8,6 @@ reward hacking against the learned reward model can be measured against the gold
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
 import math
@@ -20,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from pipeline.callables import import_callable
 from stages.headword import headword, mask_headword
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "MiniLMJudge",
     "default_pool",
     "gold_ranks",
-    "import_callable",
     "load_judge",
     "pairwise_agreement",
 ]
@@ -45,32 +44,6 @@ class Judge(Protocol):
     def score(
         self, prompts: list[str], responses: list[str], references: list[str]
     ) -> list[float]: ...
-
-
-def import_callable(spec: str, what: str) -> Callable[..., Any]:
-    """Resolve "module:function" to a callable.
-
-    Every failure becomes a one-line ValueError naming `what` and the spec, because these specs
-    come from config files and a traceback deep inside importlib tells the user little.
-    """
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr or ":" in attr:
-        raise ValueError(f'{what} "{spec}": expected "module:function"')
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f'{what} "{spec}": cannot import module "{module_name}": {exc}') from exc
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ValueError(
-                f'{what} "{spec}": module "{module_name}" has no attribute "{attr}"'
-            ) from None
-    if not callable(obj):
-        raise ValueError(f'{what} "{spec}": "{attr}" is not callable')
-    return obj
 
 
 def _check_lengths(prompts: Sequence[str], responses: Sequence[str], refs: Sequence[str]) -> None:

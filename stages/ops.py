@@ -56,7 +56,6 @@ __all__ = [
     "logprobs_from_logits",
     "masked_mean",
     "masked_sum",
-    "masked_var",
     "masked_whiten",
     "policy_loss",
     "ppo_advantages",
@@ -102,20 +101,6 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     # An all-padding row yields 0 instead of nan, so one empty response cannot
     # turn a whole batch's loss into nan.
     return masked_sum(x, mask, dim) / count.clamp(min=1.0)
-
-
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance of the valid entries of ``x`` (scalar).
-
-    ``unbiased`` applies Bessel's correction ``n / (n - 1)`` when ``n > 1``.
-    """
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased:
-        n = _as_bool(mask).sum()
-        if n > 1:
-            var = var * n / (n - 1)
-    return var
 
 
 def masked_whiten(

@@ -1,19 +1,24 @@
 """Stage 3: PPO against the reward model, with a KL penalty to the SFT reference.
 
-The loop, once per update:
+The loop (``train``), once per update, a function per step:
   1. rollout   sample ppo.samples_per_prompt responses to each prompt from the policy
                (temperature T, stop at EOS)
-  2. score     reward model (normalized, clipped) + rule rewards + costs, missing-EOS penalty
-  3. evaluate  policy / reference log-probs at the same T, critic values (gae only)
-  4. reward    with ppo.kl_in=reward, per-token -beta * KL, score at the last token
-               (PPO-Lagrangian: a cost stream of +beta * KL with the cost at the last token,
-               as in safe-rlhf); with ppo.kl_in=loss, the score alone
-  5. advantage ppo.advantage_estimator: gae (advantages and returns with gamma, lambda;
+  2. score     the composite reward (stages.composite): reward model (normalized, clipped)
+               + rule rewards - costs, missing-EOS penalty
+  3. evaluate  policy / reference log-probs at the same T, critic values (gae only); the
+               update's first minibatch keeps its graphs, so the update does not run it again
+  4. advantage the KL-shaped reward (ppo.kl_in=reward: per-token -beta * KL, the score at the
+               last token; PPO-Lagrangian adds a cost stream of +beta * KL with the cost at the
+               last token, as in safe-rlhf; ppo.kl_in=loss: the score alone), then
+               ppo.advantage_estimator: gae (advantages and returns with gamma, lambda;
                (A_r - lambda A_c) / (1 + lambda) with a constraint; whitened over the batch),
                or without a critic rloo / grpo (group baselines) or reinforce_pp
-  6. update    PPO epochs over minibatches: clipped policy loss (+ beta * KL with
+  5. update    PPO epochs over minibatches: clipped policy loss (+ beta * KL with
                ppo.kl_in=loss) and, with a critic, the clipped value loss
-  7. log/save  metrics, samples, KL controller, Lagrange multiplier, checkpoints
+  6. log/save  KL controller, Lagrange multiplier, metrics, samples, snapshots, checkpoints
+
+The stage follows pipeline.lifecycle: ``PPO.check`` opens the parents and loads the models
+before the folder is touched, ``PPO.setup`` builds the ``PPOState`` the loop runs on.
 
 Models: policy and frozen reference from the SFT stage (with LoRA, one base: the reference is
 the policy with its adapter disabled), the reward model frozen, and for gae the critic, a
@@ -30,15 +35,19 @@ import copy
 import json
 import sys
 import time
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
+from accelerate import Accelerator
 
 from pipeline import sharding
 from pipeline.config import Config, PPOConfig, advisories
 from pipeline.data import PromptExample, column_map, load_demonstrations, load_prompts
 from pipeline.errors import PipelineError
+from pipeline.lifecycle import Outcome, Stage
 from pipeline.models import (
     apply_lora,
     load_policy,
@@ -47,11 +56,11 @@ from pipeline.models import (
     merged,
     plain_copy,
     save_pretrained_atomic,
-    tokenizer_sha256,
     trainable_parameters,
 )
+from pipeline.normalization import RewardNormalization
 from pipeline.progress import progress
-from pipeline.rundir import Parent, StageDir, check_same_tokenizer, open_parent, stage_dir
+from pipeline.rundir import Parent, StageDir
 from pipeline.runtime import make_accelerator
 from pipeline.text import (
     IGNORE_INDEX,
@@ -70,12 +79,18 @@ from pipeline.training import (
     check_budget,
     fused_adam_ok,
     load_checkpoint,
-    resume_checkpoint,
     save_checkpoint,
 )
 from stages import ops
-from stages.rewards import call_user, checked_values, load_checked_judge, resolve_rule
-from stages.scoring import PolicyModel, ScoreModel, sequence_scores
+from stages.composite import CompositeReward, RewardSpec
+from stages.rewards import load_checked_judge
+from stages.scoring import (
+    PolicyModel,
+    ScoreModel,
+    joined_inputs,
+    response_logprobs,
+    sequence_scores,
+)
 
 
 @dataclass
@@ -117,26 +132,9 @@ def rollout_tensors(prompts: list[list[int]], responses: list[list[int]], pad_id
     return query, query_mask, response, mask, has_eos, lengths
 
 
-def _inputs(query, query_mask, response, mask):
-    ids = torch.cat([query, response], dim=1)                 # (B, P+T)
-    attention = torch.cat([query_mask, mask.long()], dim=1)   # (B, P+T)
-    return ids, attention
-
-
-def response_logprobs(policy: PolicyModel, query, query_mask, response, mask,
-                      temperature: float, entropy: str = "none"):
-    """(B, T) log-probs of the response tokens at the sampling temperature, 0 past each
-    response's end; and (B, T) entropies when asked (see PolicyModel)."""
-    ids, attention = _inputs(query, query_mask, response, mask)
-    scored = torch.cat([torch.zeros_like(query_mask), mask.long()], dim=1)  # (B, P+T)
-    logp, ent = policy(ids, attention, scored, temperature, entropy)
-    p = query.shape[1]
-    return logp[:, p:], (None if ent is None else ent[:, p:])
-
-
 def critic_values(critic, query, query_mask, response, mask) -> torch.Tensor:
     """(B, T, C) value estimates of the states before each response token."""
-    ids, attention = _inputs(query, query_mask, response, mask)
+    ids, attention = joined_inputs(query, query_mask, response, mask)
     p = query.shape[1]
     # The state after the last token has no value to estimate: the trunk stops before it.
     return critic(ids[:, :-1], attention[:, :-1])[:, p - 1:]
@@ -166,73 +164,8 @@ class FirstForward:
 
 
 # --------------------------------------------------------------------------------------------
-# Rewards
-# --------------------------------------------------------------------------------------------
-
-
-class RewardFunction:
-    """The composite score of a response: weighted learned reward, rules and costs, and the
-    penalty for a response that never emitted EOS."""
-
-    def __init__(self, cfg: PPOConfig, reward_model, norm: dict):
-        self.cfg = cfg
-        self.reward_model = reward_model
-        self.bias = float(norm.get("norm_bias", 0.0))
-        self.scale = float(norm.get("norm_scale", 1.0))
-        self.terms = []
-        for i, comp in enumerate(cfg.rewards):
-            what = f'ppo.rewards[{i}] ({comp.type} "{comp.name}")'
-            try:
-                fn = None if comp.type == "model" else resolve_rule(comp.name, **comp.params)
-            except ValueError as exc:
-                raise PipelineError(f"{what}: {exc}") from None
-            label = "model" if comp.type == "model" else comp.name.split(":")[-1]
-            self.terms.append((comp.type, label, comp.weight, fn, what, ":" in comp.name))
-
-    @torch.no_grad()
-    def __call__(self, rollout_ids, attention, prompts, responses, metas, has_eos):
-        """(score (B,), cost (B,), {component: (B,)} raw values for logging).
-
-        The learned reward is ``(raw + norm_bias) * norm_scale`` clipped to
-        ``[-reward_clip, reward_clip]``; costs are subtracted from the score, or summed into
-        ``cost`` for the constraint when ``ppo.lagrangian`` is on.
-        """
-        b = len(responses)
-        score = torch.zeros(b)
-        cost = torch.zeros(b)
-        parts: dict[str, torch.Tensor] = {}
-        for kind, label, weight, fn, what, user in self.terms:
-            if kind == "model":
-                raw = self.reward_model(rollout_ids, attention).cpu()
-                value = ((raw + self.bias) * self.scale).clamp(-self.cfg.reward_clip,
-                                                               self.cfg.reward_clip)
-                parts["rm_raw"] = raw
-            else:
-                # User code: an exception or a result that is not one finite number per
-                # response stops the stage with one line naming the function.
-                values = (call_user(what, fn, b, prompts, responses, metas) if user
-                          else checked_values(what, fn(prompts, responses, metas), b))
-                value = torch.tensor(values, dtype=torch.float32)
-            parts["model" if kind == "model" else f"{kind}/{label}"] = value
-            if kind == "cost" and self.cfg.lagrangian:
-                cost += weight * value
-            elif kind == "cost":
-                score -= weight * value
-            else:
-                score += weight * value
-        score = score - self.cfg.missing_eos_penalty * (~has_eos.cpu()).float()
-        return score, cost, parts
-
-
-# --------------------------------------------------------------------------------------------
 # Setup helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _reward_parent(cfg: Config) -> Parent | None:
-    if not any(c.type == "model" for c in cfg.ppo.rewards):
-        return None
-    return open_parent(stage_dir(cfg, "rm", cfg.ppo.reward_model), "rm", "ppo.reward_model")
 
 
 def uses_critic(c: PPOConfig) -> bool:
@@ -304,329 +237,307 @@ def make_optimizer(model, lr: float, cfg: PPOConfig) -> torch.optim.Optimizer:
 
 
 # --------------------------------------------------------------------------------------------
-# The stage
+# The state of a run
 # --------------------------------------------------------------------------------------------
 
 
-def run(cfg: Config) -> Path:
-    c = cfg.ppo
-    accelerator = make_accelerator(cfg, c.mixed_precision)
-    if sharding.backend(accelerator) == sharding.DEEPSPEED:
-        # accelerate builds one DeepSpeed engine per Accelerator and refuses a second model in
-        # it; the policy and the critic train with optimizers of their own.
-        raise PipelineError("ppo: DeepSpeed is not supported for PPO (it trains two models, a "
-                            "policy and a critic, and accelerate gives an Accelerator one "
-                            "DeepSpeed engine); launch it with configs/accelerate/fsdp.yaml "
-                            "or gpu_ddp.yaml")
-    stage = StageDir(cfg, "ppo", accelerator.is_main_process)
-    # Everything that can refuse the run does so before stage.start() clears an old ppo dir.
-    stage.check()
-    resume_from = resume_checkpoint(stage, cfg)
-    check_budget("ppo", resume_from, c.num_updates, "ppo.num_updates")
-    guard = Guard("ppo", stage.checkpoints, unit="update")
-    world = accelerator.num_processes
-    k = c.samples_per_prompt
-    if accelerator.is_main_process:
-        for note in advisories(cfg):
-            print(f"warning: {note}", file=sys.stderr)
+@dataclass
+class Learner:
+    """What the PPO update trains, each network with its optimizer and scheduler, and what
+    else it reads: the demonstrations of PPO-ptx and the numerics guard."""
 
-    # --- Setup ---------------------------------------------------------------------------------
-    sft = open_parent(stage_dir(cfg, "sft", c.policy), "sft", "ppo.policy")
-    rm = _reward_parent(cfg)
-    prompts = load_prompts(cfg.data.ppo, limit=c.num_prompts,
-                           columns=column_map(cfg.data.columns, "ppo"))
-    ptx_rows = (load_demonstrations(cfg.data.sft, columns=column_map(cfg.data.columns, "sft"))
-                if c.ptx_coef > 0 else [])
-    with accelerator.main_process_first():
-        policy, reference, critic, reward_scores, tok = build_models(cfg, sft, rm, accelerator)
-    tok_sha = tokenizer_sha256(tok)
-    if tok_sha != sft.manifest.get("tokenizer_sha256"):
-        raise PipelineError(f"ppo.policy: {sft.path}/model tokenizer does not match its manifest")
-    if rm is not None:
-        check_same_tokenizer(tok_sha, rm, "ppo.reward_model")
-    reward_fn = RewardFunction(c, reward_scores, rm.extras if rm is not None else {})
-    stops = sorted(eos_ids(tok, policy.model))
+    cfg: PPOConfig
+    accelerator: Accelerator
+    policy: PolicyModel
+    policy_opt: torch.optim.Optimizer
+    policy_sched: Any
+    # gae's critic, its optimizer and scheduler; None for the critic-free estimators.
+    critic: ScoreModel | None = None
+    critic_opt: torch.optim.Optimizer | None = None
+    critic_sched: Any = None
+    # PPO-ptx: (ids, labels) of the demonstrations; empty when ppo.ptx_coef is 0.
+    demos: list = field(default_factory=list)
+    pad_id: int = 0
+    # Checks every loss and gradient norm before the optimizer applies it (None = off).
+    guard: Guard | None = None
 
-    encoded = [encode_prompt(tok, p.chat, cfg.data.max_prompt_tokens) for p in prompts]
-    demos = [tokenize_demonstration(tok, d, cfg.data.max_prompt_tokens, cfg.sft.max_seq_len)
-             for d in ptx_rows]
-    judge = None
-    if c.gold_judge and all(p.reference for p in prompts):
-        judge = load_checked_judge("ppo.gold_judge", c.gold_judge)
-    stage.start()
+    def checkpointed(self) -> dict[str, dict]:
+        """A checkpoint's models and optimizers: without a critic, the policy's alone."""
+        models = {"policy": self.policy, "critic": self.critic}
+        optimizers = {"policy": self.policy_opt, "critic": self.critic_opt,
+                      "policy_sched": self.policy_sched, "critic_sched": self.critic_sched}
+        return {"models": {k: v for k, v in models.items() if v is not None},
+                "optimizers": {k: v for k, v in optimizers.items() if v is not None}}
 
-    optim_steps = c.num_updates * c.ppo_epochs * c.num_minibatches
-    policy_opt = make_optimizer(policy, c.lr, c)
-    policy_sched = build_scheduler(policy_opt, c.lr_scheduler, optim_steps)
-    critic_opt = critic_sched = None
-    sharding.broadcast_from_main(policy, accelerator)
-    if critic is not None:
-        critic_opt = make_optimizer(critic, c.critic_lr, c)
-        critic_sched = build_scheduler(critic_opt, c.lr_scheduler, optim_steps)
-        sharding.broadcast_from_main(critic, accelerator)
+
+@dataclass
+class PPOState:
+    """What the update loop reads and changes; ``PPO.setup`` builds it."""
+
+    cfg: Config
+    accelerator: Accelerator
+    # The prepared policy and critic with their optimizers.
+    learner: Learner
     # What samples and is saved: the policy itself, or under FSDP a whole copy of it.
-    sampler = sharding.WholeCopy(policy, accelerator)
-    # One model per prepare: FSDP2 shards one model (and its optimizer) per call.
-    policy, policy_opt = accelerator.prepare(policy, policy_opt)
-    if critic is not None:
-        critic, critic_opt = accelerator.prepare(critic, critic_opt)
-    if reference is not None:
-        reference = reference.to(accelerator.device)
-    kl_ctl = (ops.AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.adaptive_kl
-              else ops.FixedKLController(c.kl_coef))
-    lagrange = ops.LagrangeMultiplier(c.lambda_init, c.lambda_lr, c.lambda_max, c.cost_threshold)
-    n_trainable, n_total = trainable_parameters(policy)
+    sampler: sharding.WholeCopy
+    # Forwards without gradients run on the unwrapped models (no DDP collectives).
+    unwrapped_policy: PolicyModel
+    unwrapped_critic: ScoreModel | None
+    # The reference, and the context to run it in (see reference_context).
+    ref_model: PolicyModel
+    ref_ctx: Callable
+    tok: Any
+    stops: list[int]
+    prompts: list[PromptExample]
+    # Each prompt's token ids.
+    encoded: list[list[int]]
+    reward: CompositeReward
+    # The gold judge scored on every rollout for the curves; None = off.
+    judge: Any
+    kl_ctl: ops.FixedKLController | ops.AdaptiveKLController
+    lagrange: ops.LagrangeMultiplier
+    stage: StageDir
+    tracker: Tracker
+    guard: Guard
+    # The policy's (trainable, total) parameters.
+    params: tuple[int, int]
+    # Every update's metrics (on resume, from metrics.jsonl too), for the manifest's summary.
+    history: list[dict] = field(default_factory=list)
+    bar: Any = None
+    # Updates done, the next prompt and the next demonstration (PPO-ptx).
+    update: int = 0
+    cursor: int = 0
+    ptx_cursor: int = 0
 
-    update, cursor, ptx_cursor = 0, 0, 0
-    # Without a critic, checkpoints hold the policy's weights and optimizer only.
-    models = {name: m for name, m in {"policy": policy, "critic": critic}.items()
-              if m is not None}
-    optimizers = {name: o for name, o in {"policy": policy_opt, "critic": critic_opt,
-                                          "policy_sched": policy_sched,
-                                          "critic_sched": critic_sched}.items() if o is not None}
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, accelerator, models=models, optimizers=optimizers)
-        update, cursor, ptx_cursor = state["step"], state["cursor"], state["ptx_cursor"]
-        kl_ctl.load_state_dict(state["kl_ctl"])
-        lagrange.load_state_dict(state["lagrange"])
-    tracker = Tracker(cfg, "ppo", stage.path, accelerator.is_main_process,
-                      resume_step=update if resume_from else None)
-    unwrapped_policy = accelerator.unwrap_model(policy)
-    unwrapped_critic = None if critic is None else accelerator.unwrap_model(critic)
-    ref_model, ref_ctx = reference_context(unwrapped_policy, reference)
-    history: list[dict] = []
-    if resume_from is not None and accelerator.is_main_process:
-        # The curve summary in the manifest covers the whole run, not just the resumed part.
-        history = [json.loads(line) for line in tracker.path.read_text().splitlines() if line]
-    bar = progress(c.num_updates, "ppo", cfg.tracking.progress and accelerator.is_main_process,
-                   initial=update, unit="update")
-    all_reduce = (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None
+    def mean(self, x: torch.Tensor) -> float:
+        """The mean of ``x`` over every process's batch."""
+        return self.accelerator.reduce(x.detach().float().mean().to(self.accelerator.device),
+                                       reduction="mean").item()
 
-    def global_mean(x: torch.Tensor) -> float:
-        return accelerator.reduce(x.detach().float().mean().to(accelerator.device),
-                                  reduction="mean").item()
+    @property
+    def all_reduce(self) -> Callable | None:
+        """Sums whitening moments across processes; None in one process."""
+        if self.accelerator.num_processes == 1:
+            return None
+        return lambda t: self.accelerator.reduce(t, reduction="sum")
 
-    while update < c.num_updates:
+
+@dataclass
+class Batch:
+    """Step 1's rollout: this process's prompts and the responses sampled to them."""
+
+    examples: list[PromptExample]  # B: each prompt k times in a row
+    responses: list[list[int]]     # B sampled token lists
+    query: torch.Tensor            # (B, P) on the device
+    query_mask: torch.Tensor       # (B, P)
+    response: torch.Tensor         # (B, T)
+    mask: torch.Tensor             # (B, T)
+    has_eos: torch.Tensor          # (B,) on the CPU
+    lengths: torch.Tensor          # (B,) on the CPU
+
+    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(query, query_mask, response, mask) of the rows ``index``."""
+        return (self.query[index], self.query_mask[index], self.response[index],
+                self.mask[index])
+
+
+@dataclass
+class Scores:
+    """Step 2's scores of a batch."""
+
+    scores: torch.Tensor            # (B,) on the device: the composite score
+    costs: torch.Tensor             # (B,) on the device: the constraint's cost
+    parts: dict[str, torch.Tensor]  # (B,) per term, for the log
+    texts: list[str]
+    gold: torch.Tensor | None       # (B,) the gold judge's, for the curves
+
+
+@dataclass
+class Evaluation:
+    """Step 3's per-token reads of a batch at sampling time, without graphs."""
+
+    logprobs: torch.Tensor      # (B, T) policy
+    ref_logprobs: torch.Tensor  # (B, T) reference
+    entropy: torch.Tensor       # (B, T) policy
+    values: torch.Tensor        # (B, T, 2) critic: reward and cost values (zeros without)
+
+
+# --------------------------------------------------------------------------------------------
+# The update loop: one function per step of the module docstring
+# --------------------------------------------------------------------------------------------
+
+
+def train(s: PPOState) -> None:
+    """Until ppo.num_updates: rollout, score, evaluate, advantage, update, log/save."""
+    c = s.cfg.ppo
+    while s.update < c.num_updates:
         t0 = time.time()
-        # --- 1. Rollout: this process's share of the next batch of prompts ------------------
-        index = [(cursor + accelerator.process_index * c.batch_size + i) % len(prompts)
-                 for i in range(c.batch_size)]
-        cursor += c.batch_size * world
-        # Each prompt k times in a row: rows g*k .. g*k + k - 1 are prompt g's group.
-        index = [i for i in index for _ in range(k)]
-        batch_prompts: list[PromptExample] = [prompts[i] for i in index]
-        # Every forward of the update (sampler, policy, reference, critic, reward) runs under
-        # the same autocast as the prepared policy: a bf16 policy against an fp32 reference or
-        # sampler has a KL that is not 0 at the start, and can be negative.
-        with accelerator.autocast(), sampler.whole(policy) as whole:
-            responses = generate(whole.model, tok, [encoded[i] for i in index],
-                                 max_new_tokens=c.response_length, temperature=c.temperature,
-                                 top_k=c.top_k, top_p=c.top_p, batch_size=len(index))
-        # Every response has >= 1 token, and one without EOS has the full length.
-        query, query_mask, response, mask, has_eos, lengths = rollout_tensors(
-            [encoded[i] for i in index], responses, tok.pad_token_id, stops)
-        query, query_mask = query.to(accelerator.device), query_mask.to(accelerator.device)
-        response, mask = response.to(accelerator.device), mask.to(accelerator.device)
+        batch = rollout(s)
         t_generate = time.time() - t0
 
-        # --- 2. Score: reward model, rules, costs ------------------------------------------
         t1 = time.time()
-        texts = [decode(tok, r) for r in responses]
-        metas = [{"word": p.word, "reference": p.reference} for p in batch_prompts]
-        ids, attention = _inputs(query, query_mask, response, mask)
-        with accelerator.autocast():
-            scores, costs, parts = reward_fn(ids, attention, [p.prompt for p in batch_prompts],
-                                             texts, metas, has_eos)
-        for name, value in parts.items():
-            guard.check_tensor(update + 1, f"reward {name}", value)
-        scores = scores.to(accelerator.device)
-        costs = costs.to(accelerator.device)
-        gold = None
-        if judge is not None:
-            gold = torch.tensor(judge.score([p.prompt for p in batch_prompts], texts,
-                                            [p.reference for p in batch_prompts]))
-
-        # --- 3. Evaluate: log-probs of policy and reference, critic values -----------------
-        # The first minibatch of PPO epoch 1 sees unchanged weights, so its forward happens
-        # here, with gradients, and the update starts from it instead of repeating it.
-        train_policy = update >= c.critic_warmup_updates
-        policy.train()  # as in the update (gradient checkpointing acts in training mode only)
-        if critic is not None:
-            critic.train()
-        b = len(responses)
-        orders = [o.to(accelerator.device)
-                  for o in minibatch_orders(b, c.ppo_epochs, seed=cfg.run.seed + update)]
-        first_rows = orders[0][: b // c.num_minibatches]
-        logprobs = torch.zeros(response.shape, device=accelerator.device)   # (B, T)
-        ref_logprobs, entropy = torch.zeros_like(logprobs), torch.zeros_like(logprobs)
-        values = torch.zeros(*response.shape, 2, device=accelerator.device)  # (B, T, 2)
-        first = None
-        for i, rows in enumerate(forward_groups(first_rows, orders[0][len(first_rows):],
-                                                c.forward_batch_size)):
-            args = (query[rows], query_mask[rows], response[rows], mask[rows])
-            reuse = i == 0
-            with torch.set_grad_enabled(reuse and train_policy), accelerator.autocast():
-                logp, ent = response_logprobs(
-                    policy if reuse else unwrapped_policy, *args, c.temperature,
-                    entropy="grad" if reuse and train_policy and c.entropy_coef else "detached")
-            with torch.no_grad(), ref_ctx(), accelerator.autocast():
-                ref_logprobs[rows] = response_logprobs(ref_model, *args, c.temperature)[0]
-            v = None
-            if critic is not None:
-                with torch.set_grad_enabled(reuse), accelerator.autocast():
-                    v = critic_values(critic if reuse else unwrapped_critic, *args)  # (b, T, C)
-                values[rows, :, : v.shape[-1]] = v.detach()
-            logprobs[rows], entropy[rows] = logp.detach(), ent.detach()
-            if reuse:
-                first = FirstForward(logp if train_policy else None,
-                                     ent if train_policy and c.entropy_coef else None, v)
-        values, cost_values = values[..., 0], values[..., 1]  # cost: zeros without a constraint
+        scores = score(s, batch)
+        train_policy = s.update >= c.critic_warmup_updates
+        orders = [o.to(s.accelerator.device) for o in
+                  minibatch_orders(len(batch.examples), c.ppo_epochs, s.cfg.run.seed + s.update)]
+        evaluation, first = evaluate(s, batch, orders[0], train_policy)
         t_score = time.time() - t1
 
-        # --- 4-5. KL-shaped rewards and advantages (ppo.advantage_estimator) ----------------
-        beta = kl_ctl.value
-        # With ppo.kl_in=loss the reward is the score alone; the update adds beta * KL.
-        reward_beta = beta if c.kl_in == "reward" else 0.0
-        if critic is not None:
-            adv = ops.ppo_advantages(
-                scores, logprobs, ref_logprobs, values, mask, beta=reward_beta,
-                kl_kind=c.kl_estimator, gamma=c.gamma, lam=c.lam,
-                whiten_rewards=c.whiten_rewards, whiten_advantages=c.whiten_advantages,
-                costs=costs if c.lagrangian else None, cost_values=cost_values,
-                multiplier=lagrange.value, all_reduce=all_reduce)
-        else:
-            adv = ops.critic_free_advantages(
-                scores, logprobs, ref_logprobs, mask, estimator=c.advantage_estimator,
-                group_size=k, beta=reward_beta, kl_kind=c.kl_estimator, gamma=c.gamma,
-                std_normalize=c.grpo_std_normalize, whiten_rewards=c.whiten_rewards,
-                whiten_advantages=c.whiten_advantages, all_reduce=all_reduce)
-        # Before the update: a NaN here would reach the weights through the losses.
-        guard.check_tensor(update + 1, "KL to the reference", adv.sequence_kl)
-        guard.check_tensor(update + 1, "advantage", adv.advantages)
-        rollout = Rollout(query, query_mask, response, mask, logprobs, ref_logprobs, values,
-                          cost_values, scores, costs, adv.advantages, adv.returns,
-                          adv.cost_returns)
+        beta = s.kl_ctl.value
+        experience, adv = advantages(s, batch, scores, evaluation, beta)
 
-        # --- 6. PPO update ------------------------------------------------------------------
         t2 = time.time()
-        stats = ppo_update(c, rollout, orders, first, policy, critic, policy_opt, critic_opt,
-                           policy_sched, critic_sched, accelerator, train_policy, demos,
-                           ptx_cursor, tok.pad_token_id, guard, update + 1, kl_coef=beta)
+        stats = ppo_update(s.learner, experience, orders, first, train_policy=train_policy,
+                           ptx_cursor=s.ptx_cursor, update=s.update + 1, kl_coef=beta)
         del first
-        ptx_cursor += c.ptx_batch_size * c.ppo_epochs * c.num_minibatches if demos else 0
+        if s.learner.demos:
+            s.ptx_cursor += c.ptx_batch_size * c.ppo_epochs * c.num_minibatches
         t_train = time.time() - t2
 
-        # --- 7. Controllers, logging, saving -------------------------------------------------
-        kl_sum = adv.sequence_kl  # (B,)
-        mean_kl = global_mean(kl_sum)
-        kl_ctl.update(mean_kl, len(index) * world)
-        mean_cost = global_mean(costs)
-        if c.lagrangian:
-            lagrange.update(mean_cost)
-        update += 1
-        bar.update(1)
-        n_tokens = accelerator.reduce(lengths.sum().float().to(accelerator.device),
-                                      reduction="sum").item()
-        elapsed = time.time() - t0
-        metrics = {
-            "objective/kl": mean_kl,
-            "objective/kl_coef": beta,
-            "objective/scores": global_mean(scores),
-            "objective/non_score_reward": global_mean(-beta * kl_sum),
-            "objective/rlhf_reward": global_mean(scores - beta * kl_sum),
-            "policy/entropy": global_mean(ops.masked_mean(entropy, mask, dim=1)),
-            "objective/cost": mean_cost,
-            "objective/lambda": lagrange.value,
-            "response/length": global_mean(lengths.float()),
-            "response/no_eos_fraction": global_mean((~has_eos).float()),
-            "lr/policy": policy_sched.get_last_lr()[0],
-            **({"lr/critic": critic_sched.get_last_lr()[0]} if critic is not None else {}),
-            "time/generate": t_generate,
-            "time/score": t_score,
-            "time/train": t_train,
-            "time/update": elapsed,
-            "perf/tokens_per_s": n_tokens / max(t_generate, 1e-9),
-            "perf/updates_per_s": 1.0 / elapsed,
-            **stats,
-        }
-        for name, value in parts.items():
-            metrics[f"reward/{name}"] = global_mean(value)
-        if gold is not None:
-            metrics["objective/gold"] = global_mean(gold)
-        if update % c.log_every == 0 or update == c.num_updates:
-            tracker.log(metrics, step=update)
-            bar.log(kl=mean_kl, score=metrics["objective/scores"],
-                    reward=metrics["objective/rlhf_reward"])
-        history.append(metrics)
-        if accelerator.is_main_process and (c.sample_every and update % c.sample_every == 0
-                                            or update == c.num_updates):
-            table = [{"update": update, "prompt": p.prompt, "response": t,
-                      "score": round(float(scores[i]), 4), "eos": bool(has_eos[i]),
-                      **{k: round(float(v[i]), 4) for k, v in parts.items()}}
-                     for i, (p, t) in enumerate(zip(batch_prompts, texts))][:8]
-            with open(stage.samples_path, "a") as f:
-                for row in table:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            tracker.log_table("samples", table, step=update)
-        if c.snapshot_every and update % c.snapshot_every == 0 and update < c.num_updates:
-            with sampler.whole(policy) as whole:
-                if accelerator.is_main_process:
-                    snapshot = plain_copy(whole.model)
-                    save_pretrained_atomic(snapshot, tok,
-                                           stage.path / "snapshots" / f"update-{update:06d}")
-                    del snapshot
-            accelerator.wait_for_everyone()
-        if c.save_every and update % c.save_every == 0 and update < c.num_updates:
-            with sampler.whole(policy) as whole:
-                save_checkpoint(stage.checkpoints, update, accelerator, models=models,
-                                optimizers=optimizers,
-                                state={"cursor": cursor, "ptx_cursor": ptx_cursor,
-                                       "kl_ctl": kl_ctl.state_dict(),
-                                       "lagrange": lagrange.state_dict()}, config=cfg,
-                                pretrained=(whole.model, tok))
-    bar.close()
-
-    # --- Save ----------------------------------------------------------------------------------
-    final = merged(sampler.fill(policy).model)
-    if accelerator.is_main_process:
-        save_pretrained_atomic(final, tok, stage.path / "model")
-    accelerator.wait_for_everyone()
-    summary = summarize(history)
-    summary.update({"updates": update, "world_size": world, "trainable_params": n_trainable,
-                    "total_params": n_total})
-    tracker.summary(summary)
-    tracker.close()
-    parents = {"policy": sft}
-    if rm is not None:
-        parents["reward_model"] = rm
-    return stage.finish(metrics=summary, parents=parents, base_model=sft.manifest["base_model"],
-                        tokenizer_sha256=tok_sha,
-                        extras={"kl_coef": kl_ctl.value, "lambda": lagrange.value,
-                                "lora": c.lora.enabled, "temperature": c.temperature,
-                                "norm": rm.extras if rm is not None else {},
-                                **algorithm(c)})
+        log_update(s, batch, scores, evaluation, adv, stats, beta, t0,
+                   {"generate": t_generate, "score": t_score, "train": t_train})
+        save_update(s)
 
 
-def algorithm(c: PPOConfig) -> dict:
-    """What the manifest records of the algorithm, for eval and report to label the run."""
-    return {"advantage_estimator": c.advantage_estimator,
-            "samples_per_prompt": c.samples_per_prompt, "kl_in": c.kl_in,
-            "kl_estimator": c.kl_estimator, "critic": uses_critic(c),
-            **({"grpo_std_normalize": c.grpo_std_normalize}
-               if c.advantage_estimator == "grpo" else {})}
+def rollout(s: PPOState) -> Batch:
+    """1. rollout: this process's share of the next prompts, each ppo.samples_per_prompt times
+    in a row (rows g*k .. g*k + k - 1 are prompt g's group), sampled from the policy."""
+    c, accelerator = s.cfg.ppo, s.accelerator
+    index = [(s.cursor + accelerator.process_index * c.batch_size + i) % len(s.prompts)
+             for i in range(c.batch_size)]
+    s.cursor += c.batch_size * accelerator.num_processes
+    index = [i for i in index for _ in range(c.samples_per_prompt)]
+    prompts = [s.encoded[i] for i in index]
+    # Every forward of the update (sampler, policy, reference, critic, reward) runs under the
+    # same autocast as the prepared policy: a bf16 policy against an fp32 reference or sampler
+    # has a KL that is not 0 at the start, and can be negative.
+    with accelerator.autocast(), s.sampler.whole(s.learner.policy) as whole:
+        responses = generate(whole.model, s.tok, prompts, max_new_tokens=c.response_length,
+                             temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                             batch_size=len(index))
+    # Every response has >= 1 token, and one without EOS has the full length.
+    query, query_mask, response, mask, has_eos, lengths = rollout_tensors(
+        prompts, responses, s.tok.pad_token_id, s.stops)
+    device = accelerator.device
+    return Batch([s.prompts[i] for i in index], responses, query.to(device),
+                 query_mask.to(device), response.to(device), mask.to(device), has_eos, lengths)
 
 
-def ppo_update(c: PPOConfig, rollout: Rollout, orders: list[torch.Tensor],
-               first: FirstForward | None, policy, critic, policy_opt, critic_opt,
-               policy_sched, critic_sched, accelerator, train_policy: bool,
-               demos: list, ptx_cursor: int, pad_id: int, guard: Guard | None = None,
+def score(s: PPOState, batch: Batch) -> Scores:
+    """2. score: the composite reward of each response (see stages.composite), and the gold
+    judge's score for the curves."""
+    texts = [decode(s.tok, r) for r in batch.responses]
+    questions = [p.prompt for p in batch.examples]
+    metas = [{"word": p.word, "reference": p.reference} for p in batch.examples]
+    ids, attention = joined_inputs(batch.query, batch.query_mask, batch.response, batch.mask)
+    with s.accelerator.autocast():
+        scored = s.reward(ids, attention, questions, texts, metas, batch.has_eos)
+    for name, value in scored.parts.items():
+        s.guard.check_tensor(s.update + 1, f"reward {name}", value)
+    gold = None
+    if s.judge is not None:
+        gold = torch.tensor(s.judge.score(questions, texts,
+                                          [p.reference for p in batch.examples]))
+    device = s.accelerator.device
+    return Scores(scored.score.to(device), scored.cost.to(device), scored.parts, texts, gold)
+
+
+def evaluate(s: PPOState, batch: Batch, order: torch.Tensor,
+             train_policy: bool) -> tuple[Evaluation, FirstForward]:
+    """3. evaluate: policy and reference log-probs, and the critic's values, at sampling time.
+
+    The rows of the first minibatch of PPO epoch 1 (the head of ``order``, epoch 1's
+    permutation) meet unchanged weights in the update, so their policy and critic forwards run
+    here with gradients, on the prepared models, and the update starts from them
+    (``FirstForward``); the other rows run in ppo.forward_batch_size chunks without.
+    """
+    c = s.cfg.ppo
+    b = len(batch.examples)
+    first_rows = order[: b // c.num_minibatches]
+    # Gradient checkpointing acts in training mode only: as in the update.
+    s.learner.policy.train()
+    if s.learner.critic is not None:
+        s.learner.critic.train()
+    shape, device = batch.response.shape, s.accelerator.device
+    out = Evaluation(torch.zeros(shape, device=device), torch.zeros(shape, device=device),
+                     torch.zeros(shape, device=device), torch.zeros(*shape, 2, device=device))
+    first = None
+    for rows in forward_groups(first_rows, order[len(first_rows):], c.forward_batch_size):
+        logp, ent, ref, v = forward(s, batch.rows(rows), first=first is None,
+                                    train_policy=train_policy)
+        out.logprobs[rows], out.entropy[rows] = logp.detach(), ent.detach()
+        out.ref_logprobs[rows] = ref
+        if v is not None:
+            out.values[rows, :, : v.shape[-1]] = v.detach()
+        if first is None:
+            first = FirstForward(logp if train_policy else None,
+                                 ent if train_policy and c.entropy_coef else None, v)
+    return out, first
+
+
+def forward(s: PPOState, args: tuple[torch.Tensor, ...], first: bool, train_policy: bool):
+    """(policy log-probs, entropy, reference log-probs, critic values or None) of some rows.
+    ``first``: the rows of the update's first minibatch, whose policy and critic outputs keep
+    their graphs (the entropy's too when the bonus is on)."""
+    c, accelerator = s.cfg.ppo, s.accelerator
+    policy = s.learner.policy if first else s.unwrapped_policy
+    with torch.set_grad_enabled(first and train_policy), accelerator.autocast():
+        logp, ent = response_logprobs(
+            policy, *args, c.temperature,
+            entropy="grad" if first and train_policy and c.entropy_coef else "detached")
+    with torch.no_grad(), s.ref_ctx(), accelerator.autocast():
+        ref = response_logprobs(s.ref_model, *args, c.temperature)[0]
+    v = None
+    if s.learner.critic is not None:
+        critic = s.learner.critic if first else s.unwrapped_critic
+        with torch.set_grad_enabled(first), accelerator.autocast():
+            v = critic_values(critic, *args)  # (b, T, C)
+    return logp, ent, ref, v
+
+
+def advantages(s: PPOState, batch: Batch, scores: Scores, evaluation: Evaluation,
+               beta: float) -> tuple[Rollout, ops.Advantages]:
+    """4. advantage: the KL-shaped reward (with ppo.kl_in=loss the score alone; the update
+    adds beta * KL) and the estimator's advantages, checked finite; the batch as the update
+    trains on it."""
+    c = s.cfg.ppo
+    reward_beta = beta if c.kl_in == "reward" else 0.0
+    values, cost_values = evaluation.values[..., 0], evaluation.values[..., 1]
+    if s.learner.critic is not None:
+        adv = ops.ppo_advantages(
+            scores.scores, evaluation.logprobs, evaluation.ref_logprobs, values, batch.mask,
+            beta=reward_beta, kl_kind=c.kl_estimator, gamma=c.gamma, lam=c.lam,
+            whiten_rewards=c.whiten_rewards, whiten_advantages=c.whiten_advantages,
+            costs=scores.costs if c.lagrangian else None, cost_values=cost_values,
+            multiplier=s.lagrange.value, all_reduce=s.all_reduce)
+    else:
+        adv = ops.critic_free_advantages(
+            scores.scores, evaluation.logprobs, evaluation.ref_logprobs, batch.mask,
+            estimator=c.advantage_estimator, group_size=c.samples_per_prompt, beta=reward_beta,
+            kl_kind=c.kl_estimator, gamma=c.gamma, std_normalize=c.grpo_std_normalize,
+            whiten_rewards=c.whiten_rewards, whiten_advantages=c.whiten_advantages,
+            all_reduce=s.all_reduce)
+    # Before the update: a NaN here would reach the weights through the losses.
+    s.guard.check_tensor(s.update + 1, "KL to the reference", adv.sequence_kl)
+    s.guard.check_tensor(s.update + 1, "advantage", adv.advantages)
+    experience = Rollout(batch.query, batch.query_mask, batch.response, batch.mask,
+                         evaluation.logprobs, evaluation.ref_logprobs, values, cost_values,
+                         scores.scores, scores.costs, adv.advantages, adv.returns,
+                         adv.cost_returns)
+    return experience, adv
+
+
+def ppo_update(learner: Learner, rollout: Rollout, orders: list[torch.Tensor],
+               first: FirstForward | None, *, train_policy: bool = True, ptx_cursor: int = 0,
                update: int = 0, kl_coef: float = 0.0) -> dict[str, float]:
-    """PPO epochs over the minibatches that ``orders`` defines (one permutation per epoch);
-    ``first`` holds the forward of epoch 1's first minibatch. Returns the mean of each loss
-    statistic. ``guard`` checks every loss and gradient norm before the optimizer applies it
-    (under fp16 an infinite norm is the loss scaler's overflow signal, so it is not checked).
-    ``critic`` (with its optimizer and scheduler) is None for the critic-free estimators;
-    ``kl_coef`` weighs the KL loss term when ``c.kl_in`` is "loss"."""
+    """5. update: PPO epochs over the minibatches that ``orders`` defines (one permutation per
+    epoch); ``first`` holds the forward of epoch 1's first minibatch. Returns the mean of each
+    loss statistic. The guard checks every loss and gradient norm before the optimizer applies
+    it (under fp16 an infinite norm is the loss scaler's overflow signal, so it is not
+    checked); ``kl_coef`` weighs the KL loss term when ``ppo.kl_in`` is "loss"; ``update``
+    names the update in the guard's message."""
+    c, accelerator, guard = learner.cfg, learner.accelerator, learner.guard
+    policy, critic = learner.policy, learner.critic
     check_grad = guard is not None and accelerator.scaler is None
     n = rollout.response.shape[0]
     size = n // c.num_minibatches
@@ -659,9 +570,9 @@ def ppo_update(c: PPOConfig, rollout: Rollout, orders: list[torch.Tensor],
                     stats["loss/kl"] = kl_loss.detach()
                 if c.entropy_coef:
                     loss = loss - c.entropy_coef * ops.masked_mean(entropy, mb.mask)
-                if demos:
-                    ptx = ptx_loss(policy, demos, ptx_cursor + count * c.ptx_batch_size,
-                                   c.ptx_batch_size, pad_id, accelerator.device)
+                if learner.demos:
+                    ptx = ptx_loss(policy, learner.demos, ptx_cursor + count * c.ptx_batch_size,
+                                   c.ptx_batch_size, learner.pad_id, accelerator.device)
                     loss = loss + c.ptx_coef * ptx
                     stats["loss/ptx"] = ptx.detach()
                 if guard is not None:
@@ -672,8 +583,8 @@ def ppo_update(c: PPOConfig, rollout: Rollout, orders: list[torch.Tensor],
                 if check_grad:
                     guard.check(update, **{"policy gradient norm":
                                            float(stats["policy/grad_norm"])})
-                policy_opt.step()
-                policy_opt.zero_grad()
+                learner.policy_opt.step()
+                learner.policy_opt.zero_grad()
                 stats.update({"loss/policy": pg_loss.detach(),
                               **{f"policy/{k}": v for k, v in pg_stats.items()}})
             if critic is not None:
@@ -692,18 +603,234 @@ def ppo_update(c: PPOConfig, rollout: Rollout, orders: list[torch.Tensor],
                 if check_grad:
                     guard.check(update, **{"value gradient norm":
                                            float(stats["val/grad_norm"])})
-                critic_opt.step()
-                critic_opt.zero_grad()
-                critic_sched.step()
+                learner.critic_opt.step()
+                learner.critic_opt.zero_grad()
+                learner.critic_sched.step()
                 stats.update({"loss/value": vf_loss.detach(),
                               **{f"val/{k}": v for k, v in vf_stats.items()}})
-            policy_sched.step()
+            learner.policy_sched.step()
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             count += 1
     means = torch.tensor([totals[k] / count for k in sorted(totals)], device=accelerator.device)
     means = accelerator.reduce(means, reduction="mean")
     return dict(zip(sorted(totals), means.tolist()))
+
+
+def log_update(s: PPOState, batch: Batch, scores: Scores, evaluation: Evaluation,
+               adv: ops.Advantages, stats: dict[str, float], beta: float, t0: float,
+               times: dict[str, float]) -> None:
+    """6. log: the KL controller and the Lagrange multiplier fed, the update's metrics logged
+    (every ppo.log_every) and a table of samples (every ppo.sample_every)."""
+    c, accelerator, learner = s.cfg.ppo, s.accelerator, s.learner
+    kl_sum = adv.sequence_kl  # (B,)
+    mean_kl = s.mean(kl_sum)
+    s.kl_ctl.update(mean_kl, len(batch.examples) * accelerator.num_processes)
+    mean_cost = s.mean(scores.costs)
+    if c.lagrangian:
+        s.lagrange.update(mean_cost)
+    s.update += 1
+    s.bar.update(1)
+    n_tokens = accelerator.reduce(batch.lengths.sum().float().to(accelerator.device),
+                                  reduction="sum").item()
+    elapsed = time.time() - t0
+    metrics = {
+        "objective/kl": mean_kl,
+        "objective/kl_coef": beta,
+        "objective/scores": s.mean(scores.scores),
+        "objective/non_score_reward": s.mean(-beta * kl_sum),
+        "objective/rlhf_reward": s.mean(scores.scores - beta * kl_sum),
+        "policy/entropy": s.mean(ops.masked_mean(evaluation.entropy, batch.mask, dim=1)),
+        "objective/cost": mean_cost,
+        "objective/lambda": s.lagrange.value,
+        "response/length": s.mean(batch.lengths.float()),
+        "response/no_eos_fraction": s.mean((~batch.has_eos).float()),
+        "lr/policy": learner.policy_sched.get_last_lr()[0],
+        **({"lr/critic": learner.critic_sched.get_last_lr()[0]}
+           if learner.critic is not None else {}),
+        **{f"time/{k}": v for k, v in times.items()},
+        "time/update": elapsed,
+        "perf/tokens_per_s": n_tokens / max(times["generate"], 1e-9),
+        "perf/updates_per_s": 1.0 / elapsed,
+        **stats,
+    }
+    for name, value in scores.parts.items():
+        metrics[f"reward/{name}"] = s.mean(value)
+    if scores.gold is not None:
+        metrics["objective/gold"] = s.mean(scores.gold)
+    if s.update % c.log_every == 0 or s.update == c.num_updates:
+        s.tracker.log(metrics, step=s.update)
+        s.bar.log(kl=mean_kl, score=metrics["objective/scores"],
+                  reward=metrics["objective/rlhf_reward"])
+    s.history.append(metrics)
+    if accelerator.is_main_process and (c.sample_every and s.update % c.sample_every == 0
+                                        or s.update == c.num_updates):
+        table = [{"update": s.update, "prompt": p.prompt, "response": t,
+                  "score": round(float(scores.scores[i]), 4), "eos": bool(batch.has_eos[i]),
+                  **{k: round(float(v[i]), 4) for k, v in scores.parts.items()}}
+                 for i, (p, t) in enumerate(zip(batch.examples, scores.texts))][:8]
+        with open(s.stage.samples_path, "a") as f:
+            for row in table:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        s.tracker.log_table("samples", table, step=s.update)
+
+
+def save_update(s: PPOState) -> None:
+    """6. save: a snapshot of the policy (every ppo.snapshot_every) and a resumable checkpoint
+    (every ppo.save_every); the last update's model is the stage's own."""
+    c, accelerator = s.cfg.ppo, s.accelerator
+    if c.snapshot_every and s.update % c.snapshot_every == 0 and s.update < c.num_updates:
+        with s.sampler.whole(s.learner.policy) as whole:
+            if accelerator.is_main_process:
+                snapshot = plain_copy(whole.model)
+                save_pretrained_atomic(snapshot, s.tok,
+                                       s.stage.path / "snapshots" / f"update-{s.update:06d}")
+                del snapshot
+        accelerator.wait_for_everyone()
+    if c.save_every and s.update % c.save_every == 0 and s.update < c.num_updates:
+        with s.sampler.whole(s.learner.policy) as whole:
+            save_checkpoint(s.stage.checkpoints, s.update, accelerator,
+                            **s.learner.checkpointed(),
+                            state={"cursor": s.cursor, "ptx_cursor": s.ptx_cursor,
+                                   "kl_ctl": s.kl_ctl.state_dict(),
+                                   "lagrange": s.lagrange.state_dict()}, config=s.cfg,
+                            pretrained=(whole.model, s.tok))
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+class PPO(Stage):
+    name = "ppo"
+    unit = "update"
+    resumable = True
+
+    def make_accelerator(self):
+        accelerator = make_accelerator(self.cfg, self.cfg.ppo.mixed_precision)
+        if sharding.backend(accelerator) == sharding.DEEPSPEED:
+            # accelerate builds one DeepSpeed engine per Accelerator and refuses a second model
+            # in it; the policy and the critic train with optimizers of their own.
+            raise PipelineError("ppo: DeepSpeed is not supported for PPO (it trains two models, "
+                                "a policy and a critic, and accelerate gives an Accelerator one "
+                                "DeepSpeed engine); launch it with configs/accelerate/fsdp.yaml "
+                                "or gpu_ddp.yaml")
+        return accelerator
+
+    def check(self) -> None:
+        super().check()
+        cfg, c = self.cfg, self.cfg.ppo
+        check_budget("ppo", self.resume_from, c.num_updates, "ppo.num_updates")
+        if self.is_main:
+            for note in advisories(cfg):
+                print(f"warning: {note}", file=sys.stderr)
+        sft = self.open("policy", "sft", c.policy, "ppo.policy")
+        rm = (self.open("reward_model", "rm", c.reward_model, "ppo.reward_model")
+              if any(comp.type == "model" for comp in c.rewards) else None)
+        spec = RewardSpec.from_config(c, RewardNormalization.of(rm) if rm is not None else None)
+        self.prompts = load_prompts(cfg.data.ppo, limit=c.num_prompts,
+                                    columns=column_map(cfg.data.columns, "ppo"))
+        ptx_rows = (load_demonstrations(cfg.data.sft, columns=column_map(cfg.data.columns, "sft"))
+                    if c.ptx_coef > 0 else [])
+        with self.accelerator.main_process_first():
+            self.models = build_models(cfg, sft, rm, self.accelerator)
+        policy, _, _, reward_scores, tok = self.models
+        self.adopt_tokenizer(tok)
+        self.base_model = sft.manifest["base_model"]
+        self.reward = CompositeReward(spec, reward_scores)
+        self.stops = sorted(eos_ids(tok, policy.model))
+        self.encoded = [encode_prompt(tok, p.chat, cfg.data.max_prompt_tokens)
+                        for p in self.prompts]
+        self.demos = [tokenize_demonstration(tok, d, cfg.data.max_prompt_tokens,
+                                             cfg.sft.max_seq_len) for d in ptx_rows]
+        self.judge = None
+        if c.gold_judge and all(p.reference for p in self.prompts):
+            self.judge = load_checked_judge("ppo.gold_judge", c.gold_judge)
+
+    def body(self) -> Outcome:
+        s = self.setup()
+        train(s)
+        return self.save(s)
+
+    def setup(self) -> PPOState:
+        """Optimizers, the prepared models and controllers, and on resume the checkpoint's
+        state."""
+        cfg, c, accelerator = self.cfg, self.cfg.ppo, self.accelerator
+        policy, reference, critic, _, tok = self.models
+        optim_steps = c.num_updates * c.ppo_epochs * c.num_minibatches
+        policy_opt = make_optimizer(policy, c.lr, c)
+        policy_sched = build_scheduler(policy_opt, c.lr_scheduler, optim_steps)
+        critic_opt = critic_sched = None
+        sharding.broadcast_from_main(policy, accelerator)
+        if critic is not None:
+            critic_opt = make_optimizer(critic, c.critic_lr, c)
+            critic_sched = build_scheduler(critic_opt, c.lr_scheduler, optim_steps)
+            sharding.broadcast_from_main(critic, accelerator)
+        sampler = sharding.WholeCopy(policy, accelerator)
+        # One model per prepare: FSDP2 shards one model (and its optimizer) per call.
+        policy, policy_opt = accelerator.prepare(policy, policy_opt)
+        if critic is not None:
+            critic, critic_opt = accelerator.prepare(critic, critic_opt)
+        if reference is not None:
+            reference = reference.to(accelerator.device)
+        learner = Learner(c, accelerator, policy, policy_opt, policy_sched, critic, critic_opt,
+                          critic_sched, self.demos, tok.pad_token_id, self.guard)
+        kl_ctl = (ops.AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon)
+                  if c.adaptive_kl else ops.FixedKLController(c.kl_coef))
+        lagrange = ops.LagrangeMultiplier(c.lambda_init, c.lambda_lr, c.lambda_max,
+                                          c.cost_threshold)
+        unwrapped_policy = accelerator.unwrap_model(policy)
+        ref_model, ref_ctx = reference_context(unwrapped_policy, reference)
+        s = PPOState(cfg, accelerator, learner, sampler, unwrapped_policy,
+                     None if critic is None else accelerator.unwrap_model(critic), ref_model,
+                     ref_ctx, tok, self.stops, self.prompts, self.encoded, self.reward,
+                     self.judge, kl_ctl, lagrange, self.stage, self.tracker, self.guard,
+                     trainable_parameters(policy))
+        if self.resume_from is not None:
+            state = load_checkpoint(self.resume_from, accelerator, **learner.checkpointed())
+            s.update, s.cursor, s.ptx_cursor = state["step"], state["cursor"], state["ptx_cursor"]
+            kl_ctl.load_state_dict(state["kl_ctl"])
+            lagrange.load_state_dict(state["lagrange"])
+            if self.is_main:
+                # The curve summary in the manifest covers the whole run, not just the
+                # resumed part.
+                s.history = [json.loads(line)
+                             for line in self.tracker.path.read_text().splitlines() if line]
+        s.bar = progress(c.num_updates, "ppo", cfg.tracking.progress and self.is_main,
+                         initial=s.update, unit="update")
+        return s
+
+    def save(self, s: PPOState) -> Outcome:
+        """The policy's model/ (LoRA merged) and the manifest's summary and extras."""
+        c = self.cfg.ppo
+        s.bar.close()
+        final = merged(s.sampler.fill(s.learner.policy).model)
+        if self.is_main:
+            save_pretrained_atomic(final, s.tok, self.stage.path / "model")
+        self.wait()
+        summary = summarize(s.history)
+        summary.update({"updates": s.update, "world_size": s.accelerator.num_processes,
+                        "trainable_params": s.params[0], "total_params": s.params[1]})
+        norm = s.reward.spec.normalization
+        return Outcome(summary, {"kl_coef": s.kl_ctl.value, "lambda": s.lagrange.value,
+                                 "lora": c.lora.enabled, "temperature": c.temperature,
+                                 "norm": norm.as_extras() if norm is not None else {},
+                                 "reward": s.reward.spec.record(), **algorithm(c)})
+
+
+def run(cfg: Config) -> Path:
+    """The PPO stage of ``cfg``'s run; returns its finished folder."""
+    return PPO(cfg).run()
+
+
+def algorithm(c: PPOConfig) -> dict:
+    """What the manifest records of the algorithm, for eval and report to label the run."""
+    return {"advantage_estimator": c.advantage_estimator,
+            "samples_per_prompt": c.samples_per_prompt, "kl_in": c.kl_in,
+            "kl_estimator": c.kl_estimator, "critic": uses_critic(c),
+            **({"grpo_std_normalize": c.grpo_std_normalize}
+               if c.advantage_estimator == "grpo" else {})}
 
 
 def ptx_loss(policy: PolicyModel, demos, cursor: int, batch_size: int, pad_id: int,

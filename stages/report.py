@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 import yaml
 
 matplotlib.use("Agg")
@@ -28,6 +29,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from pipeline.config import Config, flatten, key_matches, to_dict  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.hub import describe_base  # noqa: E402
+from pipeline.lifecycle import Outcome, Stage  # noqa: E402
+from pipeline.normalization import RewardNormalization  # noqa: E402
 from pipeline.rundir import (  # noqa: E402
     MANIFEST,
     STAGES,
@@ -39,6 +42,8 @@ from pipeline.rundir import (  # noqa: E402
 from pipeline.training import STAGE_INPUTS  # noqa: E402
 
 REPORT = "report.html"
+# Written by `rlhf scaling` (stages/scaling.py) in the run folder.
+SCALING_JSON = "scaling.json"
 # Sample prompts shown in the report (each with every policy's response).
 NUM_SAMPLES = 12
 
@@ -109,11 +114,22 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def read_json(path: Path, text: str | None = None, line: int | None = None):
+    """``path``'s JSON (or that of one of its lines), refused with one line naming it."""
+    try:
+        return json.loads(path.read_text() if text is None else text)
+    except json.JSONDecodeError as exc:
+        where = f"{path}:{line}" if line is not None else str(path)
+        raise PipelineError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})"
+                            ) from None
+
+
 def read_metrics(path: Path) -> list[dict]:
     """Rows of a stage's metrics.jsonl ([] when it has none)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [read_json(path, text, i) for i, text in enumerate(path.read_text().splitlines(), 1)
+            if text.strip()]
 
 
 def series(rows: list[dict], key: str) -> tuple[list, list]:
@@ -504,11 +520,13 @@ def rm_section(run_dir: Path, manifest: dict | None) -> str:
 
     rows = [[k.replace("eval_", ""), m.get(f"{k}_before"), m.get(f"{k}_after")] for k in labels]
     note = "" if bins else missing("The reward model's manifest has no calibration bins.")
-    norm = ""
-    if "norm_bias" in extras:
-        norm = (f'<p class="small">PPO reads this model\'s score as (score + '
-                f"{fmt(extras['norm_bias'])}) × {fmt(extras.get('norm_scale'))}: mean 0, std 1 "
-                f"on {fmt(extras.get('norm_samples'))} samples of the SFT policy.</p>")
+    try:
+        n = RewardNormalization.from_extras(extras, run_dir / "rm" / MANIFEST)
+        norm = (f'<p class="small">PPO reads this model\'s score as (score + {fmt(n.bias)}) × '
+                f"{fmt(n.scale)}: mean 0, std 1 on {fmt(n.samples)} samples of the SFT "
+                "policy.</p>")
+    except PipelineError as exc:
+        norm = missing(str(exc))
     return (figure_img("rm_accuracy", draw, "Reward model: accuracy and calibration",
                        size=(9.0, 4.2))
             + table(["metric", "before", "after"], rows) + note + norm
@@ -577,6 +595,157 @@ def overoptimization_section(results: dict) -> str:
             + table(["method", "policy", "update / step", "KL to SFT", "gold", "RM"], rows))
 
 
+def interval_text(value, low, high) -> str:
+    if value is None:
+        return "—"
+    if low is None or high is None:
+        return f"{value:.4g}"
+    return f"{value:.4g} [{low:.4g}, {high:.4g}]"
+
+
+def _scaling_fit_plot(record: dict, measured: dict | None) -> str:
+    """A fit of small runs: the points, the curve with its band, the prediction at the full
+    size with its interval for one new run, and the measured value with its own."""
+    level = (record.get("fit") or {}).get("level", 0.95)
+
+    def draw(fig):
+        ax = fig.add_subplot(1, 1, 1)
+        if record.get("curve"):
+            c = record["curve"]
+            xs = [q["x"] for q in c]
+            ax.plot(xs, [q["y"] for q in c], label=f"fit: {record['fit']['form']}",
+                    **{**style(0), "marker": None})
+            ax.fill_between(xs, [q["curve_low"] for q in c], [q["curve_high"] for q in c],
+                            color=style(0)["color"], alpha=0.15, label=f"fit {level:.0%} band")
+        pts = record.get("points") or []
+        yerr = None
+        if pts and all(p.get("low") is not None for p in pts):
+            yerr = [[p["y"] - p["low"] for p in pts], [p["high"] - p["y"] for p in pts]]
+        ax.errorbar([p["x"] for p in pts], [p["y"] for p in pts], yerr=yerr, fmt="o",
+                    color="black", capsize=3, label="small runs")
+        pred = record.get("predicted")
+        if pred:
+            ax.errorbar([pred["x"]], [pred["value"]], fmt="s", capsize=5, color=style(1)["color"],
+                        yerr=[[pred["value"] - pred["low"]], [pred["high"] - pred["value"]]],
+                        label=f"predicted ({level:.0%}, one new run)")
+        if measured and measured.get("value") is not None:
+            m_err = None
+            if measured.get("low") is not None:
+                m_err = [[measured["value"] - measured["low"]],
+                         [measured["high"] - measured["value"]]]
+            ax.errorbar([measured["x"]], [measured["value"]], yerr=m_err, fmt="*",
+                        markersize=12, capsize=5, color=style(2)["color"], label="measured")
+        if record.get("target"):
+            ax.axhline(record["target"]["target"], color="grey", linestyle=":",
+                       label=f"target {record['target']['target']:g}")
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel(record.get("x_name", "x"))
+        ax.set_ylabel(record.get("y_name", "y"), fontsize=8)
+        legend_outside(ax, ncol=3)
+
+    return figure_img(f"scaling_{record['id'].replace('.', '_')}", draw,
+                      f"{record['id']}: predicted before the full run", size=(7.0, 4.4))
+
+
+def _holdout_plot(record: dict) -> str:
+    """Gao et al.'s fit on the early points, its predictions at the later ones, and the fit on
+    all points with the predicted peak."""
+
+    def draw(fig):
+        ax = fig.add_subplot(1, 1, 1)
+        if record.get("curve"):
+            c = record["curve"]
+            ax.plot([q["x"] for q in c], [q["y"] for q in c], label="fit on all points",
+                    **{**style(1), "marker": None})
+        if record.get("early_curve"):
+            c = record["early_curve"]
+            xs = [q["x"] for q in c]
+            ax.plot(xs, [q["y"] for q in c], label="fit on early points",
+                    **{**style(0), "marker": None})
+            ax.fill_between(xs, [q["curve_low"] for q in c], [q["curve_high"] for q in c],
+                            color=style(0)["color"], alpha=0.15)
+        pts = record.get("points") or []
+        for early, label, face in ((True, "early points (fitted)", "black"),
+                                   (False, "later points (held out)", "none")):
+            chosen = [p for p in pts if p["early"] == early]
+            ax.plot([p["d"] for p in chosen], [p["gain"] for p in chosen], "o", color="black",
+                    markerfacecolor=face, label=label)
+        preds = record.get("predictions") or []
+        if preds:
+            ax.errorbar([math.sqrt(q["kl"]) for q in preds], [q["value"] for q in preds],
+                        yerr=[[q["value"] - q["low"] for q in preds],
+                              [q["high"] - q["value"] for q in preds]],
+                        fmt="s", capsize=4, color=style(2)["color"],
+                        label="predicted from the early fit")
+        peak = record.get("peak") or {}
+        if peak.get("kl"):
+            ax.axvline(math.sqrt(peak["kl"]), color="grey", linestyle=":",
+                       label=f"predicted peak, KL {peak['kl']:.3g}")
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_xlabel("d = sqrt(KL to the start), sqrt(nats)")
+        ax.set_ylabel("gold gain over the start")
+        legend_outside(ax, ncol=3)
+
+    return figure_img(f"scaling_{record['id'].replace('.', '_')}", draw,
+                      f"{record['id']}: {record.get('form', 'no fit')}", size=(7.0, 4.4))
+
+
+def scaling_section(doc: dict) -> str:
+    """``rlhf scaling``'s fits: predicted against measured, one plot per fit."""
+    records = doc.get("records") or []
+    if not records:
+        return missing("scaling.json holds no records yet.")
+    rows = []
+    for row in doc.get("summary") or []:
+        rows.append([row["id"], row.get("x"),
+                     interval_text(row.get("predicted"), row.get("low"), row.get("high")),
+                     interval_text(row.get("measured"), row.get("measured_low"),
+                                   row.get("measured_high")),
+                     {True: "yes", False: "NO", None: "—"}[row.get("within_interval")],
+                     {True: "yes", False: "no", None: "—"}[row.get("prediction_first")],
+                     row.get("error") or row.get("note") or ""])
+    out = [f'<p class="small">Intervals: {esc(doc.get("intervals"))}.</p>']
+    if rows:
+        out.append(table(["figure", "x (steps / comparisons / KL)", "predicted",
+                          "measured", "inside", "recorded before its stage ran", "note"],
+                         rows, numeric=False))
+    else:
+        out.append(missing("The command has not finished: no summary yet."))
+    measured = {r["id"]: r for r in records if r["kind"] == "measurement"}
+    for r in records:
+        if r["kind"] == "prediction":
+            out.append(_scaling_fit_plot(r, measured.get(r["id"])))
+            notes = [f"fit: {esc(r['error'])}"] if r.get("error") else []
+            if r.get("note"):
+                notes.append(esc(r["note"]))
+            target = r.get("target")
+            if target:
+                bounds = ["not reached" if v is None else f"{v:.0f}"
+                          for v in (target["low"], target["high"])]
+                where = (f"{target['x']:.0f} comparisons [{bounds[0]}, {bounds[1]}]"
+                         if target.get("x") else
+                         f"not reached by {target['x_max']:.0f} comparisons")
+                notes.append(f"accuracy {target['target']:g} predicted at {where}")
+            if notes:
+                out.append('<p class="small">' + "; ".join(notes) + ".</p>")
+        elif r["kind"] == "holdout":
+            out.append(_holdout_plot(r))
+            peak = r.get("peak") or {}
+            notes = [esc(r.get("note", ""))]
+            if peak.get("kl"):
+                notes.append(f"gold predicted to peak at KL {peak['kl']:.3g} [{peak['low']:.3g}, "
+                             f"{peak['high']:.3g}]" + (" (beyond the points)"
+                                                      if peak.get("beyond_points") else ""))
+            elif peak.get("reason"):
+                notes.append(f"no peak: {esc(peak['reason'])}")
+            for key in ("error", "early_error"):
+                if r.get(key):
+                    notes.append(f"{key.replace('_', ' ')}: {esc(r[key])}")
+            out.append('<p class="small">' + "; ".join(notes) + ".</p>")
+    return "".join(out)
+
+
 def calibration_section(results: dict) -> str:
     probe = (results.get("calibration") or {}).get("policies") or {}
     if not probe:
@@ -623,9 +792,34 @@ def results_section(results: dict) -> str:
     return (table(["policy", "gold (95% CI)", "RM score (95% CI)", "KL (95% CI)",
                    "mean length (tokens)", "no EOS", "uses headword", "outside length bounds",
                    "profanity cost"], rows)
+            + reward_terms_table(results)
             + table(["gold win rate (ties = 1/2)", "mean (95% CI)"], wins, numeric=False)
             + f'<p class="small">{results.get("num_prompts")} held-out prompts, temperature '
               f'{results.get("temperature")}, judge {esc(results.get("judge"))}.</p>')
+
+
+def reward_terms_table(results: dict) -> str:
+    """Per policy, the mean of each term of the reward PPO trained on (as eval measured it on
+    the policy's own samples) and of their weighted sum."""
+    policies = {name: r["reward_terms"] for name, r in (results.get("policies") or {}).items()
+                if r.get("reward_terms")}
+    if not policies:
+        return ""
+    spec = results.get("reward_spec") or {}
+    weights = {t["key"]: t["weight"] for t in spec.get("terms", [])}
+    keys = list(dict.fromkeys(k for terms in policies.values() for k in terms))
+    headers = [f"{k} (weight {fmt(weights[k])})" if k in weights else
+               {"score": "score PPO trained on", "constraint_cost": "constraint cost"}.get(k, k)
+               for k in keys]
+    rows = [[policy_label(name, results), *[terms.get(k) for k in keys]]
+            for name, terms in policies.items()]
+    note = ("" if "score" in keys else " Without a reward model in this eval the model term, "
+            "and so the score, is not measured.")
+    return ('<p class="small">The terms of the reward PPO trained on (ppo.rewards), per '
+            "policy on its own samples; the score subtracts ppo.missing_eos_penalty for a "
+            "response without EOS" + (", and the costs go to the constraint instead"
+                                      if spec.get("lagrangian") else "")
+            + f".{note}</p>" + table(["policy", *headers], rows))
 
 
 def sample_policies(rows: list[dict], results: dict) -> list[str]:
@@ -640,7 +834,8 @@ def samples_section(run_dir: Path, results: dict) -> str:
     path = run_dir / "eval" / "samples.jsonl"
     if not path.is_file():
         return missing("No eval samples.")
-    rows = [json.loads(line) for line in path.read_text().splitlines()[:NUM_SAMPLES] if line]
+    rows = [read_json(path, text, i)
+            for i, text in enumerate(path.read_text().splitlines()[:NUM_SAMPLES], 1) if text]
     if not rows:
         return missing("The eval stage wrote no samples.")
     names = sample_policies(rows, results)
@@ -672,16 +867,22 @@ def samples_section(run_dir: Path, results: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def build(run_dir: Path) -> str:
-    """The report's HTML for the run in ``run_dir``."""
+def read_run(run_dir: Path) -> tuple[dict[str, dict], dict]:
+    """The manifests of the run's complete stages, and its eval results ({} without)."""
     manifests = {}
     for stage in STAGES:
         m = read_manifest(run_dir / stage) if (run_dir / stage).is_dir() else None
         if m is not None and m.get("status") == "complete":
             manifests[stage] = m
     results_path = run_dir / "eval" / "results.json"
-    results = (json.loads(results_path.read_text())
+    results = (read_json(results_path)
                if "eval" in manifests and results_path.is_file() else {})
+    return manifests, results
+
+
+def build(run_dir: Path) -> str:
+    """The report's HTML for the run in ``run_dir``."""
+    manifests, results = read_run(run_dir)
     compared = " vs ".join(policy_label(n, results, short=True)
                            for n in results.get("policies") or {})
     sections = [
@@ -697,6 +898,9 @@ def build(run_dir: Path) -> str:
          results_section(results)),
         ("overoptimization", "Overoptimization (Gao et al. 2022)",
          overoptimization_section(results)),
+        *([("scaling", "Predicting the run (scaling fits)",
+            scaling_section(json.loads((run_dir / SCALING_JSON).read_text())))]
+          if (run_dir / SCALING_JSON).is_file() else []),
         ("calibration", "Calibration probe", calibration_section(results)),
         ("samples", "Samples", samples_section(run_dir, results)),
     ]
@@ -711,10 +915,36 @@ def build(run_dir: Path) -> str:
             "</body></html>\n")
 
 
+class Report(Stage):
+    """The report is one file beside the stage folders, rewritten atomically: nothing is
+    cleared at start, and what it reads is checked first."""
+
+    name = "report"
+
+    def make_accelerator(self):
+        return None
+
+    def check(self) -> None:
+        self.run_dir = self.cfg.run_dir
+        if not self.run_dir.is_dir():
+            raise PipelineError(f"report: {self.run_dir} does not exist (run some stages first)")
+        read_run(self.run_dir)
+
+    def start(self) -> None:
+        pass
+
+    def body(self) -> Outcome:
+        self.html = build(self.run_dir)
+        return Outcome({})
+
+    def finish(self, outcome: Outcome) -> Path:
+        atomic_write_text(self.run_dir / REPORT, self.html)
+        return self.run_dir
+
+    def done(self, path: Path) -> str:
+        return f"[report] written: {path / REPORT}"
+
+
 def run(cfg: Config) -> Path:
     """Write ``<run_dir>/report.html`` atomically; returns the run folder."""
-    run_dir = cfg.run_dir
-    if not run_dir.is_dir():
-        raise PipelineError(f"report: {run_dir} does not exist (run some stages first)")
-    atomic_write_text(run_dir / REPORT, build(run_dir))
-    return run_dir
+    return Report(cfg).run()

@@ -12,7 +12,6 @@ applies, ``(score + norm_bias) * norm_scale``, with mean 0 and std 1 on those re
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -26,9 +25,16 @@ from torch.utils.data import DataLoader
 
 from pipeline import sharding
 from pipeline.config import Config
-from pipeline.data import ColumnMap, PromptExample, column_map, load_prompts, load_ranked
+from pipeline.data import (
+    ColumnMap,
+    PromptExample,
+    RankedExample,
+    column_map,
+    load_prompts,
+    load_ranked,
+)
 from pipeline.errors import PipelineError
-from pipeline.hub import store_normalization
+from pipeline.lifecycle import Outcome, Stage
 from pipeline.models import (
     apply_lora,
     load_policy,
@@ -39,13 +45,12 @@ from pipeline.models import (
     tokenizer_sha256,
     trainable_parameters,
 )
+from pipeline.normalization import RewardNormalization
 from pipeline.progress import progress
-from pipeline.rundir import Parent, StageDir, check_same_tokenizer, open_parent, stage_dir
+from pipeline.rundir import Parent
 from pipeline.runtime import make_accelerator
-from pipeline.text import encode_prompt, generate, pad
-from pipeline.tracking import Tracker
+from pipeline.text import encode_prompt, generate
 from pipeline.training import (
-    Guard,
     LoopState,
     Window,
     build_optimizer,
@@ -53,12 +58,12 @@ from pipeline.training import (
     check_budget,
     load_checkpoint,
     optimizer_steps,
-    resume_checkpoint,
+    planned_steps,
     save_checkpoint,
 )
 from stages.judge import gold_ranks
 from stages.ops import bradley_terry_loss, bradley_terry_pairs, expected_calibration_error
-from stages.scoring import ScoreModel, sequence_scores
+from stages.scoring import ScoreModel, padded, score_sequences, sequence_scores
 
 # Held-out prompts whose responses and rewards go to samples.jsonl.
 NUM_SAMPLES = 4
@@ -82,24 +87,21 @@ class Group:
 # ---------------------------------------------------------------------------------------------
 
 
-def open_inputs(cfg: Config, section: str = "rm",
-                ) -> tuple[Parent, Parent | None, str, ColumnMap | None]:
-    """(SFT parent, label parent or None, ranked data source, its column renames) of a stage
-    that trains on rankings (``section``: "rm" or "dpo", whose ``sft`` and ``data`` keys locate
-    them), every tokenizer checked. The label stage's own output is read as written, without
-    renames."""
+def open_inputs(stage: Stage, section: str) -> tuple[Parent, str, ColumnMap | None]:
+    """(SFT parent, ranked data source, its column renames) of a stage that trains on rankings
+    (``section``: "rm" or "dpo", whose ``sft`` and ``data`` keys locate them); the SFT stage,
+    and the label stage when the data is its output, become the stage's parents (their
+    tokenizers checked by ``adopt_tokenizer``). The label stage's own output is read as
+    written, without renames."""
+    cfg = stage.cfg
     c = getattr(cfg, section)
-    sft = open_parent(stage_dir(cfg, "sft", c.sft), "sft", f"{section}.sft")
+    sft = stage.open("sft", "sft", c.sft, f"{section}.sft")
     source = c.data or cfg.data.ranked
-    label = None
     columns = column_map(cfg.data.columns, "ranked") if source else None
     if not source:
-        role = f"{section}.data (label stage)"
-        label = open_parent(stage_dir(cfg, "label", None), "label", role)
-        policy_sha = sft.manifest.get("tokenizer_sha256") or ""
-        check_same_tokenizer(policy_sha, label, role)
+        label = stage.open("label", "label", "", f"{section}.data (label stage)")
         source = str(label.path / "data.jsonl")
-    return sft, label, source, columns
+    return sft, source, columns
 
 
 def encode_group(tok, prompt: str | list[dict], responses: tuple[str, ...], max_prompt_tokens: int,
@@ -118,9 +120,25 @@ def encode_group(tok, prompt: str | list[dict], responses: tuple[str, ...], max_
     return tuple(sequences), truncated
 
 
-def padded(sequences, pad_id: int) -> dict[str, torch.Tensor]:
-    return {"input_ids": pad(sequences, pad_id, side="right"),
-            "attention_mask": pad([[1] * len(s) for s in sequences], 0, side="right")}
+def encode_groups(tok, examples: list[RankedExample], max_prompt_tokens: int,
+                  max_seq_len: int) -> tuple[list[Group], int]:
+    """Every ranked example encoded as a Group; (groups, responses truncated)."""
+    groups, truncated = [], 0
+    for ex in examples:
+        sequences, cut = encode_group(tok, ex.chat, ex.responses, max_prompt_tokens, max_seq_len)
+        gold = tuple(gold_ranks(ex.gold_scores)) if ex.gold_scores is not None else None
+        groups.append(Group(ex.prompt, ex.responses, sequences, ex.ranks, gold))
+        truncated += cut
+    return groups, truncated
+
+
+def heldout_split(items: list, eval_size: int, seed: int) -> tuple[list, list]:
+    """(held-out, training): ``items`` shuffled by ``seed``, the first ``eval_size`` held out.
+    The split depends only on the number of items and the seed, so the same prompts are held
+    out of any list of the same examples."""
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return items[:eval_size], items[eval_size:]
 
 
 def collate(groups: list[Group], pad_id: int) -> dict[str, torch.Tensor]:
@@ -146,24 +164,8 @@ def ranked_loss(scorer: torch.nn.Module, batch: dict[str, torch.Tensor], margin:
 
 
 # ---------------------------------------------------------------------------------------------
-# Scoring and evaluation (unwrapped model: shards differ in size, so no DDP collectives here)
+# Evaluation (unwrapped model: shards differ in size, so no DDP collectives here)
 # ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def score_sequences(scorer: torch.nn.Module, sequences, pad_id: int, batch_size: int,
-                    device: torch.device, groups: torch.Tensor | None = None) -> torch.Tensor:
-    """(N,) rewards on the CPU, in ``batch_size`` chunks; ``groups`` (N,) as in collate."""
-    was_training = scorer.training
-    scorer.eval()
-    out = []
-    for start in range(0, len(sequences), batch_size):
-        batch = padded(sequences[start: start + batch_size], pad_id)
-        chunk = None if groups is None else groups[start: start + batch_size].to(device)
-        out.append(sequence_scores(scorer, batch["input_ids"].to(device),
-                                   batch["attention_mask"].to(device), groups=chunk).cpu())
-    scorer.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
 
 
 def pair_gaps(rewards: torch.Tensor, rankings: list[tuple[int, ...]]) -> list[float]:
@@ -208,8 +210,9 @@ def as_logged(metrics: dict[str, float]) -> dict[str, float]:
 
 def normalization(scorer: torch.nn.Module, policy, tok, cfg: Config,
                   accelerator: Accelerator,
-                  prompts: list[PromptExample] | None = None) -> tuple[dict, dict]:
-    """Score the SFT policy's samples on PPO prompts; (extras, raw metrics).
+                  prompts: list[PromptExample] | None = None,
+                  ) -> tuple[RewardNormalization, dict]:
+    """Score the SFT policy's samples on PPO prompts; (normalization, raw metrics).
 
     Normalizing on the policy PPO starts from puts its initial rewards at mean 0 / std 1,
     so reward_clip and the KL coefficient mean the same thing whatever the RM's scale. Sampling
@@ -219,7 +222,7 @@ def normalization(scorer: torch.nn.Module, policy, tok, cfg: Config,
     c = cfg.rm
     n = c.norm_samples
     if n == 0:
-        return {"norm_bias": 0.0, "norm_scale": 1.0, "norm_samples": 0}, {}
+        return RewardNormalization.unmeasured(), {}
     if prompts is None:
         prompts = load_prompts(cfg.data.ppo, limit=n, columns=column_map(cfg.data.columns, "ppo"))
     # Fewer prompts than samples: cycle them; sampling makes the repeats different responses.
@@ -235,13 +238,13 @@ def normalization(scorer: torch.nn.Module, policy, tok, cfg: Config,
     mean = scores.mean().item()
     # Population std: the stored scale then gives exactly std 1 on these samples.
     std = scores.std(unbiased=False).item()
-    extras = {"norm_bias": -mean, "norm_scale": 1.0 / std if std > 0 else 1.0,
-              "norm_samples": len(scores)}
-    return extras, {"norm_mean": mean, "norm_std": std}
+    norm = RewardNormalization(bias=-mean, scale=1.0 / std if std > 0 else 1.0,
+                               samples=len(scores))
+    return norm, {"norm_mean": mean, "norm_std": std}
 
 
-def sample_rows(scorer: torch.nn.Module, groups: list[Group], norm: dict, pad_id: int,
-                device: torch.device) -> list[dict]:
+def sample_rows(scorer: torch.nn.Module, groups: list[Group], norm: RewardNormalization,
+                pad_id: int, device: torch.device) -> list[dict]:
     rows = []
     for g in groups:
         rewards = score_sequences(scorer, list(g.sequences), pad_id, len(g.sequences), device,
@@ -253,7 +256,7 @@ def sample_rows(scorer: torch.nn.Module, groups: list[Group], norm: dict, pad_id
                 "rank": g.ranks[k],
                 "gold_rank": g.gold[k] if g.gold else None,
                 "reward": reward,
-                "normalized_reward": (reward + norm["norm_bias"]) * norm["norm_scale"],
+                "normalized_reward": norm.apply(reward),
             })
     return rows
 
@@ -263,184 +266,184 @@ def sample_rows(scorer: torch.nn.Module, groups: list[Group], norm: dict, pad_id
 # ---------------------------------------------------------------------------------------------
 
 
-def run(cfg: Config) -> Path:
-    c = cfg.rm
-    sft, label, source, columns = open_inputs(cfg)
-    tok = load_tokenizer(str(sft.model_dir), cfg.model)
-    tok_sha = tokenizer_sha256(tok)
-    # A manifest that does not describe its own model/ (an edited or mixed-up copy) is refused.
-    check_same_tokenizer(tok_sha, sft, "rm.sft")
-    if c.base and tokenizer_sha256(load_tokenizer(c.base, cfg.model)) != tok_sha:
-        raise PipelineError(f"rm.base={c.base!r} has a different tokenizer from the SFT policy "
-                            f"in {sft.path}; the policy and reward model must share one tokenizer")
+class RewardModel(Stage):
+    name = "rm"
+    resumable = True
 
-    accelerator = make_accelerator(cfg, c.mixed_precision, c.grad_accum_steps)
-    stage = StageDir(cfg, "rm", accelerator.is_main_process)
-    # Everything that can refuse the run does so before stage.start() clears an old rm dir.
-    stage.check()
-    resume_from = resume_checkpoint(stage, cfg)
-    guard = Guard("rm", stage.checkpoints)
+    def make_accelerator(self):
+        c = self.cfg.rm
+        return make_accelerator(self.cfg, c.mixed_precision, c.grad_accum_steps)
 
-    # --- Setup: data, model, optimizer ---------------------------------------------------------
-    norm_prompts = (load_prompts(cfg.data.ppo, limit=c.norm_samples,
-                                 columns=column_map(cfg.data.columns, "ppo"))
-                    if c.norm_samples else [])
-    examples = load_ranked(source, columns=columns)
-    groups, truncated = [], 0
-    for ex in examples:
-        sequences, cut = encode_group(tok, ex.chat, ex.responses, cfg.data.max_prompt_tokens,
-                                      c.max_seq_len)
-        gold = tuple(gold_ranks(ex.gold_scores)) if ex.gold_scores is not None else None
-        groups.append(Group(ex.prompt, ex.responses, sequences, ex.ranks, gold))
-        truncated += cut
-    random.Random(cfg.run.seed).shuffle(groups)
-    if c.eval_size >= len(groups):
-        raise PipelineError(f"rm.eval_size={c.eval_size} leaves no training prompts: {source} "
-                            f"has {len(groups)} ranked prompts")
-    eval_groups, train_groups = groups[: c.eval_size], groups[c.eval_size:]
+    def check(self) -> None:
+        super().check()
+        cfg, c = self.cfg, self.cfg.rm
+        sft, source, columns = open_inputs(self, "rm")
+        tok = load_tokenizer(str(sft.model_dir), cfg.model)
+        self.adopt_tokenizer(tok)
+        if c.base and (tokenizer_sha256(load_tokenizer(c.base, cfg.model))
+                       != self.tokenizer_sha256):
+            raise PipelineError(f"rm.base={c.base!r} has a different tokenizer from the SFT "
+                                f"policy in {sft.path}; the policy and reward model must share "
+                                "one tokenizer")
+        self.base_model = c.base or str(sft.model_dir)
+        self.norm_prompts = (load_prompts(cfg.data.ppo, limit=c.norm_samples,
+                                          columns=column_map(cfg.data.columns, "ppo"))
+                             if c.norm_samples else [])
+        groups, self.truncated = encode_groups(tok, load_ranked(source, columns=columns),
+                                               cfg.data.max_prompt_tokens, c.max_seq_len)
+        if c.eval_size >= len(groups):
+            raise PipelineError(f"rm.eval_size={c.eval_size} leaves no training prompts: "
+                                f"{source} has {len(groups)} ranked prompts")
+        self.eval_groups, self.train_groups = heldout_split(groups, c.eval_size, cfg.run.seed)
 
-    with accelerator.main_process_first():
-        backbone = load_reward_backbone(c.base or str(sft.model_dir), cfg.model, tok,
-                                        seed=cfg.run.seed)
-    if c.lora.enabled:
-        backbone = apply_lora(backbone, c.lora, task_type="SEQ_CLS", modules_to_save=["score"])
-    if c.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable()
-    scorer = ScoreModel(backbone)
-    n_trainable, n_total = trainable_parameters(scorer)
+        with self.accelerator.main_process_first():
+            backbone = load_reward_backbone(c.base or str(sft.model_dir), cfg.model, tok,
+                                            seed=cfg.run.seed)
+        if c.lora.enabled:
+            backbone = apply_lora(backbone, c.lora, task_type="SEQ_CLS", modules_to_save=["score"])
+        if c.gradient_checkpointing:
+            backbone.gradient_checkpointing_enable()
+        self.scorer, self.tok = ScoreModel(backbone), tok
 
-    shuffler = torch.Generator()
-    loader = DataLoader(train_groups, batch_size=c.batch_size, shuffle=True, generator=shuffler,
-                        collate_fn=partial(collate, pad_id=tok.pad_token_id))
-    steps_per_epoch = max(1, math.ceil(len(loader) / accelerator.num_processes
-                                       / c.grad_accum_steps))
-    total_steps = c.max_steps if c.max_steps > 0 else steps_per_epoch * c.epochs
-    check_budget("rm", resume_from, total_steps,
-                 "rm.max_steps" if c.max_steps > 0 else "rm.epochs")
-    stage.start()
-    optimizer = build_optimizer(scorer, c.lr, c.weight_decay)
-    # A prepared scheduler steps once per process at every optimizer step (accelerate assumes
-    # a length counted before sharding), so its horizon is counted the same way.
-    scheduler = build_scheduler(optimizer, c.lr_scheduler,
-                                total_steps * accelerator.num_processes, c.warmup_ratio)
-    sharding.broadcast_from_main(scorer, accelerator)
-    # What evaluates and is saved: the scorer itself, or under FSDP a whole copy of it.
-    whole_scorer = sharding.WholeCopy(scorer, accelerator)
-    scorer, optimizer, loader, scheduler = accelerator.prepare(scorer, optimizer, loader,
-                                                               scheduler)
-    checkpointed = {"models": {"reward": scorer},
-                    "optimizers": {"optimizer": optimizer, "scheduler": scheduler}}
+        self.shuffler = torch.Generator()
+        self.loader = DataLoader(self.train_groups, batch_size=c.batch_size, shuffle=True,
+                                 generator=self.shuffler,
+                                 collate_fn=partial(collate, pad_id=tok.pad_token_id))
+        self.total_steps = planned_steps(len(self.loader), self.accelerator.num_processes,
+                                         c.grad_accum_steps, c.epochs, c.max_steps)
+        check_budget("rm", self.resume_from, self.total_steps,
+                     "rm.max_steps" if c.max_steps > 0 else "rm.epochs")
 
-    def run_eval() -> tuple[dict[str, float], list[dict]]:
-        with whole_scorer.whole(scorer) as model:
-            return evaluate(model, eval_groups, accelerator, c.batch_size,
-                            c.calibration_bins, tok.pad_token_id)
+    def body(self) -> Outcome:
+        cfg, c = self.cfg, self.cfg.rm
+        accelerator, stage, guard, tracker = (self.accelerator, self.stage, self.guard,
+                                              self.tracker)
+        scorer, tok, loader, shuffler = self.scorer, self.tok, self.loader, self.shuffler
+        eval_groups, train_groups = self.eval_groups, self.train_groups
+        total_steps, resume_from = self.total_steps, self.resume_from
+        n_trainable, n_total = trainable_parameters(scorer)
+        optimizer = build_optimizer(scorer, c.lr, c.weight_decay)
+        # A prepared scheduler steps once per process at every optimizer step (accelerate
+        # assumes a length counted before sharding), so its horizon is counted the same way.
+        scheduler = build_scheduler(optimizer, c.lr_scheduler,
+                                    total_steps * accelerator.num_processes, c.warmup_ratio)
+        sharding.broadcast_from_main(scorer, accelerator)
+        # What evaluates and is saved: the scorer itself, or under FSDP a whole copy of it.
+        whole_scorer = sharding.WholeCopy(scorer, accelerator)
+        scorer, optimizer, loader, scheduler = accelerator.prepare(scorer, optimizer, loader,
+                                                                   scheduler)
+        checkpointed = {"models": {"reward": scorer},
+                        "optimizers": {"optimizer": optimizer, "scheduler": scheduler}}
 
-    loop = LoopState()
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, accelerator, **checkpointed)
-        loop = LoopState.from_checkpoint(state)
-        before = state["before"]
-    else:
-        before, _ = run_eval()
-        guard.check(0, **{f"held-out {k}": v for k, v in before.items()})
-    tracker = Tracker(cfg, "rm", stage.path, accelerator.is_main_process,
-                      resume_step=loop.step if resume_from else None)
-    if not resume_from:
-        tracker.log(as_logged(before), step=loop.step)
+        def run_eval() -> tuple[dict[str, float], list[dict]]:
+            with whole_scorer.whole(scorer) as model:
+                return evaluate(model, eval_groups, accelerator, c.batch_size,
+                                c.calibration_bins, tok.pad_token_id)
 
-    # --- Training loop -------------------------------------------------------------------------
-    def compute_loss(model, batch):
-        loss, stats = ranked_loss(model, batch, c.margin)
-        return loss, {"loss": loss.detach(), "accuracy": stats["accuracy"],
-                      "margin": stats["margin"], "micro_batches": 1,
-                      "sequences": batch["input_ids"].shape[0]}
+        loop = LoopState()
+        if resume_from is not None:
+            state = load_checkpoint(resume_from, accelerator, **checkpointed)
+            loop = LoopState.from_checkpoint(state)
+            before = state["before"]
+        else:
+            before, _ = run_eval()
+            guard.check(0, **{f"held-out {k}": v for k, v in before.items()})
+            tracker.log(as_logged(before), step=loop.step)
 
-    start = time.time()
-    sequences_seen = 0
-    window = Window()
-    bar = progress(total_steps, "rm", enabled=cfg.tracking.progress and
-                   accelerator.is_main_process, initial=loop.step)
-    for out in optimizer_steps(accelerator, scorer, optimizer, scheduler, loader, shuffler,
-                               cfg.run.seed, loop, total_steps, c.max_grad_norm, compute_loss,
-                               guard):
+        # --- Training loop ------------------------------------------------------------------------
+        def compute_loss(model, batch):
+            loss, stats = ranked_loss(model, batch, c.margin)
+            return loss, {"loss": loss.detach(), "accuracy": stats["accuracy"],
+                          "margin": stats["margin"], "micro_batches": 1,
+                          "sequences": batch["input_ids"].shape[0]}
+
+        start = time.time()
+        sequences_seen = 0
+        window = Window()
+        bar = progress(total_steps, "rm", enabled=cfg.tracking.progress and
+                       accelerator.is_main_process, initial=loop.step)
+        for out in optimizer_steps(accelerator, scorer, optimizer, scheduler, loader, shuffler,
+                                   cfg.run.seed, loop, total_steps, c.max_grad_norm, compute_loss,
+                                   guard):
+            step = loop.step
+            bar.update(1)
+            window.add(out.sums)
+            sequences_seen += int(out.sums["sequences"])
+            if step % c.log_every == 0 or step == total_steps:
+                sums = window.pop()
+                keys = ("loss", "accuracy", "margin", "micro_batches")
+                totals = accelerator.reduce(
+                    torch.tensor([sums[k] for k in keys], device=accelerator.device), "sum")
+                n = totals[3].clamp(min=1)
+                tracker.log({
+                    "train/loss": totals[0] / n,
+                    "train/accuracy": totals[1] / n,
+                    "train/margin": totals[2] / n,
+                    "train/grad_norm": out.grad_norm,
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/epoch": loop.epoch + loop.batches_done / max(len(loader), 1),
+                    "perf/sequences_per_s":
+                        sequences_seen * accelerator.num_processes / (time.time() - start),
+                }, step=step)
+                bar.log(loss=float(totals[0] / n), accuracy=float(totals[1] / n))
+            if c.eval_every and step % c.eval_every == 0 and step < total_steps:
+                periodic = run_eval()[0]
+                tracker.log(as_logged(periodic), step=step)
+                guard.check(step, **{f"held-out {k}": v for k, v in periodic.items()})
+            if c.save_every and step % c.save_every == 0 and step < total_steps:
+                with whole_scorer.whole(scorer) as whole:
+                    save_checkpoint(stage.checkpoints, step, accelerator, **checkpointed,
+                                    state={**loop.as_dict(), "before": before}, config=cfg,
+                                    pretrained=(whole.model, tok))
+        bar.close()
+        train_seconds = time.time() - start
         step = loop.step
-        bar.update(1)
-        window.add(out.sums)
-        sequences_seen += int(out.sums["sequences"])
-        if step % c.log_every == 0 or step == total_steps:
-            sums = window.pop()
-            keys = ("loss", "accuracy", "margin", "micro_batches")
-            totals = accelerator.reduce(
-                torch.tensor([sums[k] for k in keys], device=accelerator.device), "sum")
-            n = totals[3].clamp(min=1)
-            tracker.log({
-                "train/loss": totals[0] / n,
-                "train/accuracy": totals[1] / n,
-                "train/margin": totals[2] / n,
-                "train/grad_norm": out.grad_norm,
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/epoch": loop.epoch + loop.batches_done / max(len(loader), 1),
-                "perf/sequences_per_s":
-                    sequences_seen * accelerator.num_processes / (time.time() - start),
-            }, step=step)
-            bar.log(loss=float(totals[0] / n), accuracy=float(totals[1] / n))
-        if c.eval_every and step % c.eval_every == 0 and step < total_steps:
-            periodic = run_eval()[0]
-            tracker.log(as_logged(periodic), step=step)
-            guard.check(step, **{f"held-out {k}": v for k, v in periodic.items()})
-        if c.save_every and step % c.save_every == 0 and step < total_steps:
-            with whole_scorer.whole(scorer) as whole:
-                save_checkpoint(stage.checkpoints, step, accelerator, **checkpointed,
-                                state={**loop.as_dict(), "before": before}, config=cfg,
-                                pretrained=(whole.model, tok))
-    bar.close()
-    train_seconds = time.time() - start
-    step = loop.step
 
-    # --- Final eval, normalization, samples ----------------------------------------------------
-    after, calibration = run_eval()
-    tracker.log(as_logged(after), step=step)
-    guard.check(step, **{f"held-out {k}": v for k, v in after.items()})
-    reward_model = merged(whole_scorer.fill(scorer).model)
-    final = ScoreModel(reward_model)
-    policy, _ = load_policy(cfg.model, seed=cfg.run.seed, name_or_path=str(sft.model_dir))
-    norm, norm_metrics = normalization(final, policy.to(accelerator.device), tok, cfg,
-                                       accelerator, norm_prompts)
-    del policy
-    # A NaN mean or std would make every normalized reward PPO reads NaN.
-    guard.check(step, **{f"normalization {k[5:]}": v for k, v in norm_metrics.items()})
-    tracker.log({f"norm/{k[5:]}": v for k, v in norm_metrics.items()}, step=step)
-    if accelerator.is_main_process:
-        samples = sample_rows(final, eval_groups[:NUM_SAMPLES], norm, tok.pad_token_id,
-                              accelerator.device)
-        stage.write_jsonl(stage.samples_path, samples)
-        tracker.log_table("samples", samples, step=step)
+        # --- Final eval, normalization, samples ---------------------------------------------------
+        after, calibration = run_eval()
+        tracker.log(as_logged(after), step=step)
+        guard.check(step, **{f"held-out {k}": v for k, v in after.items()})
+        reward_model = merged(whole_scorer.fill(scorer).model)
+        final = ScoreModel(reward_model)
+        policy, _ = load_policy(cfg.model, seed=cfg.run.seed,
+                                name_or_path=str(self.parents["sft"].model_dir))
+        norm, norm_metrics = normalization(final, policy.to(accelerator.device), tok, cfg,
+                                           accelerator, self.norm_prompts)
+        del policy
+        # A NaN mean or std would make every normalized reward PPO reads NaN.
+        guard.check(step, **{f"normalization {k[5:]}": v for k, v in norm_metrics.items()})
+        tracker.log({f"norm/{k[5:]}": v for k, v in norm_metrics.items()}, step=step)
+        if accelerator.is_main_process:
+            samples = sample_rows(final, eval_groups[:NUM_SAMPLES], norm, tok.pad_token_id,
+                                  accelerator.device)
+            stage.write_jsonl(stage.samples_path, samples)
+            tracker.log_table("samples", samples, step=step)
 
-    # --- Save --------------------------------------------------------------------------------
-    metrics: dict[str, float] = {}
-    for suffix, values in (("before", before), ("after", after)):
-        metrics.update({f"{k}_{suffix}": v for k, v in values.items() if "pairs" not in k})
-    metrics.update({
-        "eval_pairs": after.get("eval_pairs", 0),
-        **norm_metrics,
-        "steps": step,
-        "train_rows": len(train_groups),
-        "eval_rows": len(eval_groups),
-        "truncated_responses": truncated,
-        "train_seconds": round(train_seconds, 2),
-        "trainable_params": n_trainable,
-        "total_params": n_total,
-        "world_size": accelerator.num_processes,
-    })
-    if accelerator.is_main_process:
-        # In its config.json too, so a plain transformers loader finds it (pipeline.hub).
-        store_normalization(reward_model.config, norm)
-        save_pretrained_atomic(reward_model, tok, stage.path / "model")
-    accelerator.wait_for_everyone()
-    tracker.summary(metrics)
-    tracker.close()
-    parents = {"sft": sft, **({"label": label} if label else {})}
-    return stage.finish(metrics=metrics, parents=parents, base_model=c.base or str(sft.model_dir),
-                        tokenizer_sha256=tok_sha,
-                        extras={**norm, "calibration": calibration, "lora": c.lora.enabled})
+        # --- Save --------------------------------------------------------------------------------
+        metrics: dict[str, float] = {}
+        for suffix, values in (("before", before), ("after", after)):
+            metrics.update({f"{k}_{suffix}": v for k, v in values.items() if "pairs" not in k})
+        metrics.update({
+            "eval_pairs": after.get("eval_pairs", 0),
+            **norm_metrics,
+            "steps": step,
+            "train_rows": len(train_groups),
+            "eval_rows": len(eval_groups),
+            "truncated_responses": self.truncated,
+            "train_seconds": round(train_seconds, 2),
+            "trainable_params": n_trainable,
+            "total_params": n_total,
+            "world_size": accelerator.num_processes,
+        })
+        if accelerator.is_main_process:
+            # In its config.json too, so a plain transformers loader finds it (pipeline.hub).
+            norm.store_in(reward_model.config)
+            save_pretrained_atomic(reward_model, tok, stage.path / "model")
+        accelerator.wait_for_everyone()
+        return Outcome(metrics, {**norm.as_extras(), "calibration": calibration,
+                                 "lora": c.lora.enabled})
+
+
+def run(cfg: Config) -> Path:
+    """The reward-model stage of ``cfg``'s run; returns its finished folder."""
+    return RewardModel(cfg).run()

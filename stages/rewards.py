@@ -23,9 +23,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.callables import import_callable
 from pipeline.errors import PipelineError
 from stages.headword import headword, headword_pattern
-from stages.judge import import_callable, load_judge
+from stages.judge import load_judge
 
 __all__ = [
     "BUILTIN_RULES",

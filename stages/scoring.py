@@ -1,5 +1,8 @@
 """Models read per token: log-probs of a causal LM, and scalar heads (reward model, critic).
 
+The reads every stage shares live here: a response's log-probs after its prompt (PPO, eval),
+and reward-model scores of whole sequences in batches (reward, eval).
+
 A sequence-classification model's own forward pools at a position it infers from pad ids; we
 read the head at every position ourselves and pick the last attended token, which is right for
 left and right padding alike. A causal LM runs its output head only on the positions whose
@@ -12,6 +15,7 @@ import torch
 
 from pipeline.models import hf_model, output_logits, plain_output_head, trunk_hidden
 from pipeline.sharding import is_partial
+from pipeline.text import pad
 from stages import ops
 
 
@@ -111,3 +115,47 @@ def sequence_scores(scorer: torch.nn.Module, input_ids: torch.Tensor,
     scores = scorer(input_ids, attention_mask, **extra)[..., channel]  # (B, T)
     index = last_token_index(attention_mask)
     return scores.gather(1, index[:, None]).squeeze(1)
+
+
+def joined_inputs(query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor,
+                  mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention)``, both (B, P+T): the prompts (ending at column P) and their
+    responses as one batch."""
+    ids = torch.cat([query, response], dim=1)
+    attention = torch.cat([query_mask, mask.long()], dim=1)
+    return ids, attention
+
+
+def response_logprobs(policy: PolicyModel, query, query_mask, response, mask,
+                      temperature: float, entropy: str = "none"):
+    """(B, T) log-probs of the response tokens at the sampling temperature, 0 past each
+    response's end; and (B, T) entropies when asked (see PolicyModel)."""
+    ids, attention = joined_inputs(query, query_mask, response, mask)
+    scored = torch.cat([torch.zeros_like(query_mask), mask.long()], dim=1)  # (B, P+T)
+    logp, ent = policy(ids, attention, scored, temperature, entropy)
+    p = query.shape[1]
+    return logp[:, p:], (None if ent is None else ent[:, p:])
+
+
+def padded(sequences, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` and their ``attention_mask``."""
+    return {"input_ids": pad(sequences, pad_id, side="right"),
+            "attention_mask": pad([[1] * len(s) for s in sequences], 0, side="right")}
+
+
+@torch.no_grad()
+def score_sequences(scorer: torch.nn.Module, sequences, pad_id: int, batch_size: int,
+                    device: torch.device, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) rewards on the CPU, in ``batch_size`` chunks; ``groups`` (N,) labels sequences
+    that share a prompt (see ``trunk_hidden``). Runs the unwrapped model: shards differ in
+    size, so no DDP collectives here."""
+    was_training = scorer.training
+    scorer.eval()
+    out = []
+    for start in range(0, len(sequences), batch_size):
+        batch = padded(sequences[start: start + batch_size], pad_id)
+        chunk = None if groups is None else groups[start: start + batch_size].to(device)
+        out.append(sequence_scores(scorer, batch["input_ids"].to(device),
+                                   batch["attention_mask"].to(device), groups=chunk).cpu())
+    scorer.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)

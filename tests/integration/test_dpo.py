@@ -18,7 +18,14 @@ from pipeline.config import load_config
 from pipeline.rundir import MANIFEST, atomic_write_json, read_manifest
 from stages import dpo, evaluate, ppo, report, sft
 from tests.conftest import tiny_override_list
-from tests.faults.helpers import cli, error_line, incomplete, kill_after_checkpoint, same_weights
+from tests.faults.helpers import (
+    cli,
+    error_line,
+    fingerprint,
+    incomplete,
+    kill_after_checkpoint,
+    same_weights,
+)
 from tests.integration.test_reward import toy_rows, write_jsonl
 
 torch.set_num_threads(1)
@@ -173,6 +180,19 @@ def test_bad_inputs_are_one_line_and_leave_nothing_complete(sft_dir: Path, toy_d
                                             "dpo.max_seq_len=16"))
     assert code == 2
     assert "dpo.pairs='some'" in err and "dpo.max_seq_len=16" in err
+
+
+def test_a_bad_input_over_the_finished_stage_leaves_it_intact(sft_dir: Path, toy_data: Path,
+                                                              toy_dpo: Path, capsys):
+    """Refused in the stage's check, before run.overwrite clears anything."""
+    before = fingerprint(toy_dpo)
+    code, _, err = cli(capsys, "dpo", *args(sft_dir.parents[1], "toy", f"dpo.sft={sft_dir}",
+                                            f"dpo.data={toy_data}", "dpo.eval_size=80",
+                                            "run.overwrite=true"))
+    assert code == 1
+    error_line(err, rf"^error: dpo\.eval_size=80 leaves no training prompts: {toy_data} has "
+                    "80 ranked prompts")
+    assert fingerprint(toy_dpo) == before and not incomplete(toy_dpo)
 
 
 def test_eval_and_report_take_the_dpo_policy_beside_ppo(sft_dir: Path, toy_dpo: Path):

@@ -79,6 +79,24 @@ def test_results_and_report_label_the_ppo_estimator(chain):
     assert "<td>PPO (gae)</td>" in text
 
 
+def test_eval_reports_every_term_ppo_optimized(chain):
+    """The terms of PPO's reward (here the no_headword rule alone, weight 1) per policy, as
+    PPO's manifest recorded them, with the score PPO trained on: the rule minus the
+    missing-EOS penalty; and the report's table of them."""
+    res = chain["results"]
+    assert [t["key"] for t in res["reward_spec"]["terms"]] == ["rule/no_headword"]
+    penalty = chain["cfg"].ppo.missing_eos_penalty
+    for name, row in res["policies"].items():
+        terms = row["reward_terms"]
+        assert set(terms) == {"rule/no_headword", "score"}, name
+        # The rule is -1 on a definition that uses its word: minus the violation rate.
+        assert terms["rule/no_headword"] == pytest.approx(-row["headword_violation_frac"])
+        assert terms["score"] == pytest.approx(terms["rule/no_headword"]
+                                               - penalty * row["no_eos_frac"])
+    text = (chain["run"] / "report.html").read_text()
+    assert "<th>rule/no_headword (weight 1)</th><th>score PPO trained on</th>" in text
+
+
 def test_overoptimization_has_sft_snapshot_and_final_points(chain):
     points = chain["results"]["overoptimization"]
     # SFT (kl 0), the snapshot after update 1 (snapshot_every=1, none at the last update), final.
@@ -249,7 +267,8 @@ def test_eval_with_reward_model_and_report(chain, tmp_path):
     tok.save_pretrained(rm_stage.path / "model")
     bins = [{"lo": 0.5, "hi": 0.6, "count": 3, "confidence": 0.55, "accuracy": 0.6}]
     rm_stage.finish(metrics={"eval_accuracy_before": 0.5, "eval_accuracy_after": 0.7},
-                    extras={"norm_bias": 100.0, "norm_scale": 2.0, "calibration": bins},
+                    extras={"norm_bias": 100.0, "norm_scale": 2.0, "norm_samples": 8,
+                            "calibration": bins},
                     tokenizer_sha256=tokenizer_sha256(tok))
     results = json.loads((evaluate.run(cfg) / "results.json").read_text())
     torch.set_num_threads(1)

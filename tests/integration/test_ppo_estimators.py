@@ -126,7 +126,7 @@ def test_critic_free_lora_scores_with_the_reward_model(sft_root):
     load_reward_backbone(str(model_dir), cfg.model, tok, seed=5).save_pretrained(
         rm_stage.path / "model")
     tok.save_pretrained(rm_stage.path / "model")
-    rm_stage.finish(metrics={}, extras={"norm_bias": 0.0, "norm_scale": 1.0},
+    rm_stage.finish(metrics={}, extras={"norm_bias": 0.0, "norm_scale": 1.0, "norm_samples": 0},
                     tokenizer_sha256=tokenizer_sha256(tok))
     manifest, rows = run_ppo(sft_root, "ppo.num_updates=1", "ppo.advantage_estimator=rloo",
                              "ppo.batch_size=2", "ppo.samples_per_prompt=2",

@@ -126,14 +126,15 @@ def test_normalized_score_of_sft_samples_is_mean_0_std_1_as_ppo_reads_it(
         sft_dir: Path, toy_rm: Path, monkeypatch) -> None:
     """The bias and scale set on the SFT policy's own samples, applied the way PPO scores a
     rollout (left-padded prompt, right-padded response, the reward at the last response
-    token, then RewardFunction), give those samples mean 0 and std 1."""
+    token, then CompositeReward), give those samples mean 0 and std 1."""
     from accelerate import Accelerator
 
     from pipeline.config import PPOConfig, RewardComponent
     from pipeline.models import load_policy, load_reward_model
     from pipeline.text import eos_ids
-    from stages.ppo import RewardFunction, _inputs, rollout_tensors
-    from stages.scoring import ScoreModel, sequence_scores
+    from stages.composite import CompositeReward, RewardSpec
+    from stages.ppo import rollout_tensors
+    from stages.scoring import ScoreModel, joined_inputs, sequence_scores
 
     cfg = rm_config(sft_dir.parents[1], "norm", sft_dir, "rm.norm_samples=12")
     tok = load_tokenizer(str(sft_dir / "model"), cfg.model)
@@ -150,15 +151,16 @@ def test_normalized_score_of_sft_samples_is_mean_0_std_1_as_ppo_reads_it(
     monkeypatch.setattr(reward, "generate", recording_generate)
     torch.manual_seed(0)
     norm, raw = reward.normalization(scorer, policy, tok, cfg, Accelerator(cpu=True))
-    assert norm["norm_samples"] == 12 and raw["norm_std"] > 0
+    assert norm.samples == 12 and raw["norm_std"] > 0
     (prompts, responses), = sampled
     query, query_mask, response, mask, has_eos, _ = rollout_tensors(
         prompts, responses, tok.pad_token_id, sorted(eos_ids(tok, policy)))
     assert query_mask.min() == 0  # prompts of different lengths: left padding is exercised
     ppo_cfg = PPOConfig(rewards=[RewardComponent(type="model")], reward_clip=100.0,
                         missing_eos_penalty=0.0)
-    fn = RewardFunction(ppo_cfg, lambda ids, att: sequence_scores(scorer, ids, att), norm)
-    score, _, parts = fn(*_inputs(query, query_mask, response, mask), [""] * 12,
+    fn = CompositeReward(RewardSpec.from_config(ppo_cfg, norm),
+                         lambda ids, att: sequence_scores(scorer, ids, att))
+    score, _, parts = fn(*joined_inputs(query, query_mask, response, mask), [""] * 12,
                          [""] * 12, [{}] * 12, has_eos)
     assert parts["rm_raw"].mean().item() == pytest.approx(raw["norm_mean"], abs=1e-5)
     assert score.mean().item() == pytest.approx(0.0, abs=1e-5)
@@ -350,3 +352,10 @@ def test_eval_best_of_n_picks_the_reward_models_favourite(sft_dir: Path, toy_rm:
     assert all(s["bon"]["rm"] >= s["sft"]["rm"] - 1e-6 for s in samples)
     assert any(s["bon"]["response"] != s["sft"]["response"] for s in samples)
     assert "bon_vs_sft" in results["win_rates"] and "ppo_vs_sft" not in results["win_rates"]
+    # Best-of-n for n = 1..4 from the same candidates: n = 4 is the pick itself.
+    curve = results["best_of_n_curve"]
+    assert [p["n"] for p in curve] == [1, 2, 3, 4]
+    assert [p["kl"] for p in curve] == [evaluate.best_of_n_kl(n) for n in range(1, 5)]
+    assert curve[-1]["gold"] == pytest.approx(bon["gold"]["mean"])
+    assert curve[-1]["rm"] == pytest.approx(bon["rm"]["mean"], abs=1e-6)
+    assert all(a["rm"] <= b["rm"] + 1e-9 for a, b in zip(curve, curve[1:]))

@@ -93,15 +93,14 @@ def test_stage_help_covers_its_sections_and_pipeline_help_every_key(capsys):
 
 def test_every_config_field_has_a_comment():
     """The comment above a field is its documentation (and its --help text); a nested
-    section is documented by its class docstring."""
+    section is documented by its class docstring, a restated shared field by its base's."""
     tree = ast.parse(Path(config_module.__file__).read_text())
     classes = [getattr(config_module, n.name) for n in tree.body
                if isinstance(n, ast.ClassDef) and n.name != "Config"
                and dataclasses.is_dataclass(getattr(config_module, n.name))]
     assert len(classes) >= 12
-    docs = keydoc.field_comments()
     missing = [f"{cls.__name__}.{f.name}" for cls in classes for f in dataclasses.fields(cls)
-               if not docs[cls.__name__][f.name]
+               if not keydoc.field_doc(cls, f.name)
                and not dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name])]
     assert missing == []
     assert all(cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(")

@@ -90,6 +90,76 @@ def test_int_is_accepted_for_float_and_string_fields():
     assert cfg.run.name == "123"
 
 
+def test_list_item_overrides_update_one_item_of_the_file_list():
+    cfg = load_config("default", ["ppo.rewards[0].weight=0.3", "ppo.rewards[1].name=length_bounds",
+                                  "ppo.rewards[2]={weight: 2}", "run.seeds[1]=7"])
+    file_cfg = load_config("default")
+    model, rule, cost = file_cfg.ppo.rewards
+    assert cfg.ppo.rewards == [
+        RewardComponent(type="model", weight=0.3),
+        RewardComponent(type="rule", name="length_bounds", weight=rule.weight),
+        RewardComponent(type="cost", name=cost.name, weight=2.0),
+    ]
+    assert isinstance(cfg.ppo.rewards[0].weight, float)
+    assert cfg.run.seeds == [0, 7, 2]
+    # The file's own list is not changed by an item override of another load.
+    assert file_cfg.ppo.rewards == [model, rule, cost] and model.weight == 1.0
+    # A whole list and an item of it in one command line: the item applies to the new list.
+    cfg = load_config(None, ["ppo.rewards[1].weight=0.25",
+                             "ppo.rewards=[{type: model}, {type: rule, name: no_headword}]"])
+    assert [c.weight for c in cfg.ppo.rewards] == [1.0, 0.25]
+
+
+def test_list_item_override_problems_one_line_each_all_at_once(capsys):
+    with pytest.raises(ConfigError) as exc:
+        load_config("default", ["ppo.rewards[3].weight=1", "ppo.rewards[0].wieght=1",
+                                "ppo.rewards[-1].weight=1", "ppo.lr[0]=1",
+                                "ppo.rewards[1].weight=abc", "ppo.rewards[2].type=reward",
+                                "run.seeds[5]=1"])
+    assert sorted(exc.value.problems) == sorted([
+        "ppo.rewards[-1].weight: expected name[N] with N = 0, 1, ... for a list item, got "
+        "'rewards[-1]'",
+        "ppo.lr[0]: ppo.lr is a float, not a list",
+        "ppo.rewards[3]: no such item (ppo.rewards has 3 items); set ppo.rewards=[...] to add "
+        "or remove items",
+        "ppo.rewards[0].wieght: unknown key (valid: name, params, type, weight)",
+        "ppo.rewards[1].weight='abc': expected a number",
+        "run.seeds[5]: no such item (run.seeds has 3 items); set run.seeds=[...] to add or "
+        "remove items",
+        "ppo.rewards[2].type='reward': expected one of model, rule, cost",
+    ])
+    assert main(["config", "validate", "--config", "default", "ppo.rewards[9].weight=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "ppo.rewards[9]: no such item" in err
+
+
+def test_shared_training_fields_keep_their_check_under_each_stage_default():
+    """sft, rm and dpo share one optimizer/loop group; each restates only its own defaults,
+    and a restated field keeps the group's check. Problems come in the order help lists the
+    keys: a section's own, then the shared ones."""
+    cfg = Config()
+    assert (cfg.sft.lr, cfg.rm.lr, cfg.dpo.lr) == (2e-4, 1e-5, 5e-6)
+    assert (cfg.sft.lr_scheduler, cfg.rm.lr_scheduler, cfg.dpo.lr_scheduler) == (
+        "cosine", "linear", "linear")
+    rm_keys = list(to_dict(cfg)["rm"])
+    assert rm_keys[:3] == ["base", "sft", "data"]
+    assert rm_keys[-2:] == ["mixed_precision", "gradient_checkpointing"]
+    assert rm_keys.index("margin") < rm_keys.index("epochs") < rm_keys.index("lr")
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["sft.lr=0", "rm.lr=-1", "dpo.lr_scheduler=step",
+                           "ppo.lr_scheduler=cosine", "rm.warmup_ratio=1",
+                           "ppo.mixed_precision=fp8", "ppo.num_minibatches=0"])
+    assert exc.value.problems == [
+        "sft.lr=0.0: expected > 0",
+        "rm.lr=-1.0: expected > 0",
+        "rm.warmup_ratio=1.0: expected in [0, 1)",
+        "ppo.num_minibatches=0: expected > 0",
+        "ppo.lr_scheduler='cosine': expected one of linear, constant",
+        "ppo.mixed_precision='fp8': expected one of no, bf16, fp16",
+        "dpo.lr_scheduler='step': expected one of linear, cosine, constant",
+    ]
+
+
 def test_parse_override():
     assert parse_override("ppo.kl_coef=0.02") == ("ppo.kl_coef", 0.02)
     assert parse_override("run.name=a=b") == ("run.name", "a=b")

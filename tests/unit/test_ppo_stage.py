@@ -12,8 +12,16 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 import pipeline.text as text
 from pipeline.config import PPOConfig, RewardComponent
-from stages.ppo import RewardFunction, _inputs, critic_values, response_logprobs, rollout_tensors
-from stages.scoring import PolicyModel, ScoreModel, sequence_scores
+from pipeline.normalization import RewardNormalization
+from stages.composite import CompositeReward, RewardSpec
+from stages.ppo import critic_values, rollout_tensors
+from stages.scoring import (
+    PolicyModel,
+    ScoreModel,
+    joined_inputs,
+    response_logprobs,
+    sequence_scores,
+)
 from tests.conftest import DATA
 
 torch.set_num_threads(1)
@@ -76,7 +84,7 @@ def test_rollout_tensors_pad_and_mask_after_eos():
 # ----------------------------------------------------------------------------- reward
 
 
-def reward_function(lagrangian: bool) -> tuple[RewardFunction, list]:
+def reward_function(lagrangian: bool) -> tuple[CompositeReward, list]:
     cfg = PPOConfig(reward_clip=1.5, missing_eos_penalty=1.0, lagrangian=lagrangian, rewards=[
         RewardComponent(type="model", weight=2.0),
         RewardComponent(type="rule", name=f"{RULES}:brevity", weight=0.5),
@@ -87,7 +95,8 @@ def reward_function(lagrangian: bool) -> tuple[RewardFunction, list]:
         seen.append((ids, attention))
         return torch.tensor([0.5, 2.0, -1.0])
 
-    return RewardFunction(cfg, reward_model, {"norm_bias": -0.5, "norm_scale": 2.0}), seen
+    spec = RewardSpec.from_config(cfg, RewardNormalization(-0.5, 2.0, 8))
+    return CompositeReward(spec, reward_model), seen
 
 
 @pytest.mark.parametrize("lagrangian", [False, True])
@@ -159,7 +168,7 @@ def test_padded_critic_values_are_the_states_before_each_response_token():
 def test_reward_is_read_at_the_last_response_token():
     model = score_model()
     query, query_mask, response, mask = batch()
-    ids, attention = _inputs(query, query_mask, response, mask)
+    ids, attention = joined_inputs(query, query_mask, response, mask)
     scores = sequence_scores(ScoreModel(model), ids, attention)
     for i, (prompt, resp) in enumerate(zip(PROMPTS, RESPONSES)):
         # transformers' own pooling on an unpadded sequence reads its last token

@@ -13,14 +13,14 @@ from pipeline.config import PPOConfig
 from pipeline.training import build_scheduler
 from stages.ppo import (
     FirstForward,
+    Learner,
     Rollout,
     critic_values,
     make_optimizer,
     minibatch_orders,
     ppo_update,
-    response_logprobs,
 )
-from stages.scoring import PolicyModel, ScoreModel
+from stages.scoring import PolicyModel, ScoreModel, response_logprobs
 
 torch.set_num_threads(1)
 
@@ -68,8 +68,9 @@ def test_reusing_the_first_forward_changes_nothing(minibatches):
                     data.mask[rows])
             first = FirstForward(response_logprobs(policy, *args, c.temperature)[0], None,
                                  critic_values(critic, *args))
-        stats = ppo_update(c, data, orders, first, policy, critic, *opts, *scheds, accelerator,
-                           True, [], 0, pad_id=0)
+        learner = Learner(c, accelerator, policy, opts[0], scheds[0], critic, opts[1],
+                          scheds[1])
+        stats = ppo_update(learner, data, orders, first)
         results.append((policy, critic, stats))
     (p0, c0, s0), (p1, c1, s1) = results
     for a, b in [(p0, p1), (c0, c1)]:
@@ -104,8 +105,9 @@ def test_one_step_losses_are_the_clipped_objectives_by_hand(lagrangian):
     data.returns, data.cost_returns = v[..., 0] + noise(), v[..., 1] + noise()
     opts = [make_optimizer(m, 1e-2, c) for m in (policy, critic)]
     scheds = [build_scheduler(o, c.lr_scheduler, 1) for o in opts]
-    stats = ppo_update(c, data, minibatch_orders(4, 1, seed=0), None, policy, critic, *opts,
-                       *scheds, Accelerator(cpu=True), True, [], 0, pad_id=0)
+    learner = Learner(c, Accelerator(cpu=True), policy, opts[0], scheds[0], critic, opts[1],
+                      scheds[1])
+    stats = ppo_update(learner, data, minibatch_orders(4, 1, seed=0), None)
 
     valid = data.mask.bool()
     ratio = torch.exp(logp - data.logprobs)
@@ -146,9 +148,8 @@ def test_critic_free_update_adds_the_kl_loss_by_hand():
             self.seen.update(values)
 
     guard = Recorder()
-    stats = ppo_update(c, data, minibatch_orders(4, 1, seed=0), None, policy, None, opt, None,
-                       sched, None, Accelerator(cpu=True), True, [], 0, pad_id=0, guard=guard,
-                       kl_coef=0.5)
+    learner = Learner(c, Accelerator(cpu=True), policy, opt, sched, guard=guard)
+    stats = ppo_update(learner, data, minibatch_orders(4, 1, seed=0), None, kl_coef=0.5)
     valid = data.mask.bool()
     kl = (0.5 * (logp - data.ref_logprobs) ** 2)[valid].mean().item()
     surrogate = -data.advantages[valid].mean().item()

@@ -10,11 +10,11 @@ import pytest
 
 from pipeline.config import config_sha256, load_config, to_yaml
 from pipeline.errors import PipelineError
+from pipeline.files import apply_umask
 from pipeline.rundir import (
     MANIFEST,
     SCHEMA,
     StageDir,
-    apply_umask,
     atomic_write_json,
     atomic_write_text,
     check_same_tokenizer,

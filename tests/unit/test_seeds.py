@@ -51,7 +51,8 @@ def fake_stage_runner(calls: list):
 def test_seeds_share_sft_run_each_chain_and_write_one_table(tmp_path, monkeypatch) -> None:
     calls: list = []
     monkeypatch.setattr(seeds, "_run_stage", fake_stage_runner(calls))
-    overrides = [f"run.root={tmp_path}", "run.name=exp", "run.seeds=[3, 5]", "run.threads=1"]
+    overrides = [f"run.root={tmp_path}", "run.name=exp", "run.seeds=[3, 4]", "run.seeds[1]=5",
+                 "run.threads=1"]
     cfg = load_config(None, overrides)
     seeds.run(cfg, None, overrides, echo=lambda _: None)
 
@@ -63,7 +64,8 @@ def test_seeds_share_sft_run_each_chain_and_write_one_table(tmp_path, monkeypatc
         for _, opts in chain:
             assert opts["run.name"] == f"exp-seed{seed}"
             assert all(opts[k] == sft_dir for k in seeds.SFT_KEYS)
-            assert "run.seeds" not in opts  # the child runs one chain, not the sweep
+            # The child runs one chain, not the sweep.
+            assert not [k for k in opts if k.startswith("run.seeds")]
         assert (tmp_path / f"exp-seed{seed}" / "sft").resolve() == Path(sft_dir).resolve()
     rows = json.loads((tmp_path / "exp" / "seeds.json").read_text())
     assert [r["seed"] for r in rows] == [3, 5]
