@@ -16,33 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import tempfile
 import time
 
+from trl_common import environment, lora_config, side_arguments
+
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--policy", required=True)
-    p.add_argument("--reward", required=True)
-    p.add_argument("--prompts", required=True, help="JSON list of prompt token-id lists")
-    p.add_argument("--out", required=True)
+    side_arguments(p, updates=3)
     p.add_argument("--prompts-per-update", type=int, default=4)
     p.add_argument("--k", type=int, default=4, help="samples per prompt (num_generations)")
-    p.add_argument("--updates", type=int, default=3, help="timed updates (after the warm-up)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--minibatches", type=int, default=1)
-    p.add_argument("--response-length", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--kl-coef", type=float, default=0.05)
-    p.add_argument("--lr", type=float, default=3e-6)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lora-r", type=int, default=0, help="peft LoRA rank on the policy (0: full)")
-    p.add_argument("--lora-alpha", type=int, default=32)
     args = p.parse_args()
 
     t_process = time.time()
@@ -50,8 +36,6 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     import datasets
-    import transformers
-    import trl
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
@@ -67,12 +51,7 @@ def main() -> int:
         args.reward, num_labels=1, dtype=torch.float32)
     for m in (policy, reward_model):
         m.config.pad_token_id = tok.pad_token_id
-    peft_config = None
-    if args.lora_r:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_config = lora_config(args)
 
     with open(args.prompts) as f:
         prompts = [tok.decode(ids) for ids in json.load(f)]
@@ -152,11 +131,7 @@ def main() -> int:
                                 if p.requires_grad),
         "lora_r": args.lora_r,
         "peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                     "transformers": transformers.__version__, "trl": trl.__version__,
-                     "datasets": datasets.__version__,
-                     "accelerate": __import__("accelerate").__version__},
-        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
+        **environment(),
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -15,34 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import tempfile
 import time
 
+from trl_common import environment, lora_config, side_arguments
+
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--policy", required=True)
-    p.add_argument("--reward", required=True)
-    p.add_argument("--prompts", required=True, help="JSON list of prompt token-id lists")
-    p.add_argument("--out", required=True)
+    side_arguments(p, updates=4)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--updates", type=int, default=4, help="timed updates (after 1 warm-up)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--minibatches", type=int, default=1)
-    p.add_argument("--response-length", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--kl-coef", type=float, default=0.05)
-    p.add_argument("--lr", type=float, default=3e-6)
     p.add_argument("--missing-eos-penalty", type=float, default=1.0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lora-r", type=int, default=0,
-                   help="train a peft LoRA adapter of this rank on the policy (0: full)")
-    p.add_argument("--lora-alpha", type=int, default=32)
     args = p.parse_args()
 
     t_process = time.time()
@@ -50,8 +35,6 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     import datasets
-    import transformers
-    import trl
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
@@ -72,14 +55,9 @@ def main() -> int:
         return AutoModelForSequenceClassification.from_pretrained(
             args.reward, num_labels=1, dtype=torch.float32)
 
-    peft_config = None
-    if args.lora_r:
-        from peft import LoraConfig
-
-        # TRL's peft path adapts the policy only: its reference is the policy with the adapter
-        # disabled, and the value model still trains in full.
-        peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    # TRL's peft path adapts the policy only: its reference is the policy with the adapter
+    # disabled, and the value model still trains in full.
+    peft_config = lora_config(args)
     policy = causal_lm()
     ref_policy = None if peft_config else causal_lm()
     reward_model, value_model = scorer(), scorer()
@@ -172,11 +150,7 @@ def main() -> int:
         "trainable_params_policy_and_value": n_trainable,
         "lora_r": args.lora_r,
         "peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                     "transformers": transformers.__version__, "trl": trl.__version__,
-                     "datasets": datasets.__version__,
-                     "accelerate": __import__("accelerate").__version__},
-        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
+        **environment(),
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
