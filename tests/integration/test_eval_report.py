@@ -14,6 +14,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.data import load_prompts
+from pipeline.errors import PipelineError
 from pipeline.rundir import MANIFEST
 from stages import evaluate, ppo, report, sft
 from tests.conftest import DATA, tiny_override_list
@@ -249,27 +250,33 @@ def test_report_without_eval_says_so(tmp_path, tiny_sft_run):
     assert "No PPO stage in this run." in text and "No eval stage in this run" in text
 
 
-def test_eval_with_reward_model_and_report(chain, tmp_path):
-    """A run with an rm stage: normalized RM scores per policy and per overoptimization point,
-    and the report's reward-model section (accuracy bars and its reliability diagram)."""
+def make_rm_stage(cfg, sft_model: Path) -> Path:
+    """A finished rm stage in ``cfg``'s run: the SFT model with a fresh score head, and a
+    normalization (raw + 100) * 2 that shows in every score it is applied to."""
     from pipeline.models import load_reward_backbone, load_tokenizer, tokenizer_sha256
     from pipeline.rundir import StageDir
 
+    rm_stage = StageDir(cfg, "rm")
+    rm_stage.start()
+    tok = load_tokenizer(str(sft_model), cfg.model)
+    model = load_reward_backbone(str(sft_model), cfg.model, tok)
+    model.save_pretrained(rm_stage.path / "model")
+    tok.save_pretrained(rm_stage.path / "model")
+    bins = [{"lo": 0.5, "hi": 0.6, "count": 3, "confidence": 0.55, "accuracy": 0.6}]
+    return rm_stage.finish(metrics={"eval_accuracy_before": 0.5, "eval_accuracy_after": 0.7},
+                           extras={"norm_bias": 100.0, "norm_scale": 2.0, "norm_samples": 8,
+                                   "calibration": bins},
+                           tokenizer_sha256=tokenizer_sha256(tok))
+
+
+def test_eval_with_reward_model_and_report(chain, tmp_path):
+    """A run with an rm stage: normalized RM scores per policy and per overoptimization point,
+    and the report's reward-model section (accuracy bars and its reliability diagram)."""
     for stage in ("sft", "ppo"):
         shutil.copytree(chain["run"] / stage, tmp_path / "withrm" / stage)
     cfg = load_config(None, [*tiny_override_list(tmp_path, name="withrm"), *EVAL,
                              "eval.num_prompts=4"])
-    rm_stage = StageDir(cfg, "rm")
-    rm_stage.start()
-    tok = load_tokenizer(str(tmp_path / "withrm" / "sft" / "model"), cfg.model)
-    model = load_reward_backbone(str(tmp_path / "withrm" / "sft" / "model"), cfg.model, tok)
-    model.save_pretrained(rm_stage.path / "model")
-    tok.save_pretrained(rm_stage.path / "model")
-    bins = [{"lo": 0.5, "hi": 0.6, "count": 3, "confidence": 0.55, "accuracy": 0.6}]
-    rm_stage.finish(metrics={"eval_accuracy_before": 0.5, "eval_accuracy_after": 0.7},
-                    extras={"norm_bias": 100.0, "norm_scale": 2.0, "norm_samples": 8,
-                            "calibration": bins},
-                    tokenizer_sha256=tokenizer_sha256(tok))
+    make_rm_stage(cfg, tmp_path / "withrm" / "sft" / "model")
     results = json.loads((evaluate.run(cfg) / "results.json").read_text())
     torch.set_num_threads(1)
     for row in results["policies"].values():
@@ -278,6 +285,37 @@ def test_eval_with_reward_model_and_report(chain, tmp_path):
     assert all(p["rm"] is not None for p in results["overoptimization"])
     text = (report.run(cfg) / "report.html").read_text()
     assert re.search(r'data-plot="rm_accuracy"[^>]*src="data:image/png;base64,', text)
+
+
+def test_eval_scores_with_the_reward_model_ppo_borrowed(chain, tmp_path):
+    """A PPO run that trained against another run's reward model (ppo.reward_model=...) and
+    has no rm/ of its own: eval scores with that model and runs best-of-N, and refuses once
+    the model has changed since PPO used it."""
+    from pipeline.files import atomic_write_json, file_sha256
+
+    cfg_rm = load_config(None, [*tiny_override_list(tmp_path, name="rmrun")])
+    rm_dir = make_rm_stage(cfg_rm, chain["run"] / "sft" / "model")
+    for stage in ("sft", "ppo"):
+        shutil.copytree(chain["run"] / stage, tmp_path / "borrow" / stage)
+    manifest_path = tmp_path / "borrow" / "ppo" / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["parents"]["reward_model"] = {"path": str(rm_dir),
+                                           "manifest_sha256": file_sha256(rm_dir / MANIFEST)}
+    atomic_write_json(manifest_path, manifest)
+    cfg = load_config(None, [*tiny_override_list(tmp_path, name="borrow"), *EVAL,
+                             "eval.num_prompts=4", "eval.best_of_n=2"])
+    results = json.loads((evaluate.run(cfg) / "results.json").read_text())
+    torch.set_num_threads(1)
+    assert results["reward_model"] == str(rm_dir)
+    assert results["best_of_n"] == 2 and "bon" in results["policies"]
+    assert all(row["rm"]["mean"] > 100 for row in results["policies"].values())
+
+    rm_manifest = json.loads((rm_dir / MANIFEST).read_text())
+    rm_manifest["metrics"]["eval_accuracy_after"] = 0.9
+    atomic_write_json(rm_dir / MANIFEST, rm_manifest)
+    shutil.rmtree(tmp_path / "borrow" / "eval")
+    with pytest.raises(PipelineError, match=r"eval\.reward_model: PPO .* has changed"):
+        evaluate.run(cfg)
 
 
 def _chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
