@@ -3,6 +3,7 @@
 #   make pipeline CONFIG=configs/compare.yaml   the same, plus DPO on the same rankings
 #   make seeds                            the default run's chain after SFT for 3 seeds
 #   make scaling                          predict the default run from small runs, then check
+#   make compare RUNS="runs/a runs/b"     finished runs side by side: runs/compare/compare.html
 #   make sft CONFIG=configs/quick.yaml ARGS="sft.lr=1e-4 run.name=exp1"
 #   make ppo LAUNCH="accelerate launch --config_file configs/accelerate/cpu_2proc.yaml"
 
@@ -12,6 +13,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= configs/default.yaml
 ARGS   ?=
 RUN    ?=
+RUNS   ?=
 # Empty: one process. Or e.g. `accelerate launch --config_file configs/accelerate/cpu_2proc.yaml`.
 LAUNCH ?=
 TORCH_VERSION ?= 2.13.0
@@ -24,7 +26,7 @@ endif
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install sft label rm ppo dpo eval report pipeline seeds scaling status test test-all lint data bench bench-135m bench-rloo bench-setup clean clean-runs
+.PHONY: install sft label rm ppo dpo eval report pipeline seeds scaling compare status test test-all lint data bench bench-135m bench-rloo bench-setup clean clean-runs
 
 install: $(STAMP)
 
@@ -51,6 +53,12 @@ seeds: install
 # the full run checks them: runs/<name>/scaling.json and a report section.
 scaling: install
 	$(BIN)/rlhf scaling --config $(CONFIG) $(ARGS)
+
+# Finished runs side by side (each needs a complete eval stage): one row per run and trained
+# policy, each group's mean over seeds, gold vs KL and the win rates in compare.html.
+#   make compare RUNS="runs/c-gae-s0 runs/c-rloo-s0" ARGS="--out runs/estimators"
+compare: install
+	$(BIN)/rlhf compare $(RUNS) $(ARGS)
 
 status: install
 	$(BIN)/rlhf status $(or $(RUN),runs/default)

@@ -1,5 +1,6 @@
-"""``rlhf <stage> [--config FILE|NAME] [key=value ...]``, ``rlhf status RUN_DIR``, ``rlhf config
-show|validate`` and ``rlhf configs ls|cp``; ``rlhf COMMAND --help`` lists the keys a command reads.
+"""``rlhf <stage> [--config FILE|NAME] [key=value ...]``, ``rlhf status RUN_DIR``, ``rlhf compare
+RUN_DIR ...``, ``rlhf config show|validate`` and ``rlhf configs ls|cp``; ``rlhf COMMAND --help``
+lists the keys a command reads.
 
 Exit codes: 0 done, 1 a run/data problem (one line naming the file or stage), 2 a bad
 configuration (every bad key listed) or command line, 130 interrupted (Ctrl-C: one line with
@@ -29,7 +30,7 @@ STAGE_CLASSES = {"sft": "stages.sft:SFT", "label": "stages.label:Label",
                  "dpo": "stages.dpo:DPO", "eval": "stages.evaluate:Eval",
                  "report": "stages.report:Report"}
 RUN_COMMANDS = (*STAGE_CLASSES, "pipeline", "seeds", "scaling")
-COMMANDS = (*RUN_COMMANDS, "status", "config", "configs")
+COMMANDS = (*RUN_COMMANDS, "status", "compare", "config", "configs")
 
 USAGE = f"""usage: rlhf COMMAND [--config FILE|NAME] [key=value ...]
 
@@ -43,6 +44,7 @@ commands:
   scaling              predict the SFT loss and reward-model accuracy from small runs,
                        then train the full-size stages and check; overoptimization fits
   status RUN_DIR       lineage, status and metrics of each stage of a run
+  compare RUN_DIR ...  finished runs side by side: one table, gold vs KL, win rates
   config show          print the resolved config (defaults <- --config <- key=value) as YAML
   config validate      check a config and its overrides without running anything
   configs ls           list the shipped configs
@@ -56,6 +58,7 @@ examples:
   rlhf ppo --help
   rlhf config validate --config default ppo.kl_coef=0.05
   rlhf status runs/exp1
+  rlhf compare runs/a-seed0 runs/a-seed1 runs/b-seed0 --out runs/a-vs-b
 """
 
 _RUN_SUMMARY = {
@@ -69,11 +72,19 @@ _RUN_SUMMARY = {
 }
 _USAGE = {
     "status": "rlhf status RUN_DIR",
+    "compare": "rlhf compare RUN_DIR [RUN_DIR ...] [--out DIR] [--group-by estimator|policy]",
     "config": "rlhf config show|validate [--config FILE|NAME] [key=value ...]",
     "configs": "rlhf configs ls | rlhf configs cp NAME DEST",
 }
 _OTHER_HELP = {
     "status": "Lineage, status and metrics of each stage of a run.\n",
+    "compare": ("Finished runs side by side: one row per run and trained policy (PPO, DPO,\n"
+                "best-of-N) from each run's eval/results.json, and each group's mean and spread\n"
+                "over seeds. Every RUN_DIR needs a complete eval stage.\n\n"
+                "--out DIR     where compare.json, compare.md and compare.html go\n"
+                "              (default: runs/compare)\n"
+                "--group-by    estimator (default): one group per policy label, each PPO\n"
+                "              advantage estimator apart; policy: PPO, DPO, best-of-N\n"),
     "config": ("show      print the resolved config (defaults <- --config <- key=value) as YAML\n"
                "validate  check it (types, values, user functions) and list every problem;\n"
                "          exit code 0 when valid, 2 otherwise. Data files are read by the stages.\n"),
@@ -92,7 +103,11 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("-h", "--help", action="store_true")
     if command in (*RUN_COMMANDS, "config"):
         p.add_argument("--config", "-c", default=None, help="YAML config file or shipped name")
-    p.add_argument("rest", nargs="*", help="key=value overrides (or RUN_DIR for status)")
+    if command == "compare":
+        p.add_argument("--out", default=None)
+        p.add_argument("--group-by", default="estimator")
+    p.add_argument("rest", nargs="*",
+                   help="key=value overrides (or RUN_DIR for status and compare)")
     return p
 
 
@@ -184,6 +199,24 @@ def status(run_dir: Path) -> int:
     return 0
 
 
+def compare_command(run_dirs: list[str], out: str | None, group_by: str) -> int:
+    from stages import compare
+
+    if not run_dirs or group_by not in compare.GROUP_BY:
+        problem = ("no RUN_DIR given" if not run_dirs else
+                   f"--group-by {group_by!r}: expected {' or '.join(compare.GROUP_BY)}")
+        print(f"error: {problem}; usage: {_usage('compare')}", file=sys.stderr)
+        return 2
+    try:
+        target = compare.run([Path(d) for d in run_dirs],
+                             Path(out) if out else compare.OUT, group_by)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"[compare] {len(run_dirs)} runs: {target / 'compare.md'}, {target / 'compare.html'}")
+    return 0
+
+
 def configs_command(rest: list[str]) -> int:
     if rest == ["ls"]:
         found = shipped.configs()
@@ -260,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: usage: {_usage(command)}", file=sys.stderr)
             return 2
         return status(Path(args.rest[0]))
+    if command == "compare":
+        return compare_command(args.rest, args.out, args.group_by)
     if command == "configs":
         return configs_command(args.rest)
     if command == "config":

@@ -170,6 +170,20 @@ ALWAYS = ("seed", "win_rate", "ci", "gold_sft", "gold_bon", "gold_ppo", "kl",
           "rm_gold_accuracy", "minutes")
 
 
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """The mean and the sample standard deviation (None for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict]) -> str:
     with_dpo = any("gold_dpo" in r for r in rows)
     columns = [col for col in COLUMNS if col[0] in ALWAYS or with_dpo and any(
@@ -182,25 +196,18 @@ def markdown(rows: list[dict]) -> str:
         value = row.get(key)
         return "—" if value is None else fmt.format(value)
 
-    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |",
-             "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
+    lines = [[cell(r, k, f) for k, _, f in columns] for r in rows]
     if len(rows) > 1:
-        mean = {}
-        for key, _, _ in columns:
-            values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
-            if key != "seed" and key not in INTERVALS and len(values) == len(rows):
-                mean[key] = sum(values) / len(values)
-        spread = {k: (sum((r[k] - m) ** 2 for r in rows) / (len(rows) - 1)) ** 0.5
-                  for k, m in mean.items()}
         cells = ["mean ± sd"]
         for key, _, fmt in columns[1:]:
-            if key in mean:
-                cells.append(f"{fmt.format(mean[key])} ± {fmt.format(spread[key])}")
+            values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+            if key not in INTERVALS and len(values) == len(rows):
+                mean, spread = mean_sd(values)
+                cells.append(f"{fmt.format(mean)} ± {fmt.format(spread)}")
             else:
                 cells.append("")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        lines.append(cells)
+    return markdown_table([title for _, title, _ in columns], lines)
 
 
 def run(cfg: Config, config_file: str | None, overrides: list[str], echo=print) -> Path:

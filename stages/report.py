@@ -551,18 +551,27 @@ def curves_section(run_dir: Path, stage: str, manifest: dict | None, xlabel: str
     return note + figures
 
 
+def overoptimization_curves(results: dict) -> tuple[list[dict], dict[str, list[dict]]]:
+    """The eval's gold-vs-KL points: the SFT origin, and each method's (ppo, dpo) own points
+    in their order. Results written before DPO existed have PPO points only and no "method"."""
+    points = results.get("overoptimization") or []
+    origin = [p for p in points if p.get("method", p.get("policy")) == "sft"]
+    curves: dict[str, list[dict]] = {}
+    for p in points:
+        if p not in origin:
+            curves.setdefault(p.get("method", "ppo"), []).append(p)
+    return origin, curves
+
+
 def overoptimization_section(results: dict) -> str:
     points = results.get("overoptimization") or []
     if not points:
         return missing("No PPO or DPO policy was evaluated, so there is no overoptimization "
                        "view.")
 
-    # One curve per method (PPO, DPO), each starting from the shared SFT point; results
-    # written before DPO existed have PPO points only and no "method".
-    origin = [p for p in points if p.get("method", p.get("policy")) == "sft"]
-    methods = list(dict.fromkeys(p.get("method", "ppo") for p in points if p not in origin))
-    curves = {m: origin + [p for p in points if p not in origin and p.get("method", "ppo") == m]
-              for m in methods}
+    # One curve per method (PPO, DPO), each starting from the shared SFT point.
+    origin, own = overoptimization_curves(results)
+    curves = {m: origin + pts for m, pts in own.items()}
 
     def draw(fig):
         ax = fig.add_subplot(1, 1, 1)
