@@ -50,9 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {list(CASES)}")
     p.add_argument("--out", default=str(RESULTS / "generation"))
+    p.add_argument("--profile-case", default="ppo",
+                   help="case whose one call is profiled per operator ('' = none) [ppo]")
     args = p.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    for c in args.cases:
+    for c in [*args.cases, *([args.profile_case] if args.profile_case else [])]:
         if c not in CASES:
             p.error(f"unknown case {c!r}; choose from {list(CASES)}")
     return args
@@ -64,22 +66,23 @@ def best_rate(fn, repeats: int) -> float:
 
 
 def measure(model, tok, rows: list[list[int]], temperature: float, n: int,
-            repeats: int) -> dict[str, list[tuple[int, float]]]:
-    """(generated tokens, seconds) of each timed run of our sampler and of HF generate."""
+            repeats: int) -> dict[str, list[tuple[int, int, float]]]:
+    """(generated tokens, decoding steps, seconds) of each timed run of our sampler and of HF
+    generate."""
     import torch
 
     from pipeline.text import generate, pad_prompts
 
-    def ours() -> tuple[int, float]:
+    def ours() -> tuple[int, int, float]:
         t0 = time.perf_counter()
         out = generate(model, tok, rows, max_new_tokens=n, temperature=temperature,
                        batch_size=len(rows))
-        return sum(len(r) for r in out), time.perf_counter() - t0
+        return sum(len(r) for r in out), max(len(r) for r in out), time.perf_counter() - t0
 
     ids, mask = pad_prompts(rows, tok.pad_token_id)
 
     @torch.no_grad()
-    def hf() -> tuple[int, float]:
+    def hf() -> tuple[int, int, float]:
         t0 = time.perf_counter()
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
                              temperature=temperature, top_k=0, top_p=1.0,
@@ -90,14 +93,37 @@ def measure(model, tok, rows: list[list[int]], temperature: float, n: int,
         # Rows that stopped are padded to the longest: count each up to its EOS.
         ends = (new == tok.eos_token_id).int()
         lengths = torch.where(ends.any(1), ends.argmax(1) + 1, new.shape[1])
-        return int(lengths.sum()), dt
+        return int(lengths.sum()), new.shape[1], dt
 
     ours(), hf()  # warm-up
-    runs: dict[str, list[tuple[int, float]]] = {"ours": [], "hf": []}
+    runs: dict[str, list[tuple[int, int, float]]] = {"ours": [], "hf": []}
     for _ in range(repeats):
         runs["ours"].append(ours())
         runs["hf"].append(hf())
     return runs
+
+
+def profile(model, tok, encoded: list[list[int]], case: str, n: int, top: int = 10) -> dict:
+    """Self CPU time per operator of one call of our sampler on ``case``'s rows."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from pipeline.text import generate
+
+    n_prompts, k, temperature = CASES[case]
+    rows = [p for p in encoded[:n_prompts] for _ in range(k)]
+    torch.manual_seed(0)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        generate(model, tok, rows, max_new_tokens=n, temperature=temperature,
+                 batch_size=len(rows))
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    ops = [{"name": e.key, "share": e.self_cpu_time_total / total, "calls": e.count}
+           for e in events[:top]]
+    ops.append({"name": "everything else", "share": 1 - sum(o["share"] for o in ops),
+                "calls": sum(e.count for e in events[top:])})
+    return {"case": case, "self_cpu_seconds": total / 1e6, "ops": ops}
 
 
 def main(argv=None) -> int:
@@ -161,16 +187,22 @@ def main(argv=None) -> int:
                "limit_bound": "bandwidth" if weight_bytes / bw >= 2 * n_params * batch / peak
                else "compute"}
         for side, rs in runs.items():
-            rates = [t / s for t, s in rs]
+            rates = [t / s for t, _, s in rs]
+            # Each decoding step reads every weight however few rows are left in it, so the
+            # time the run's own steps take at the bound is a second, tighter limit.
+            step_fraction = [steps * step_s / s for _, steps, s in rs]
             rec[side] = {"tokens_per_s_median": statistics.median(rates),
-                         "tokens_per_s": rates, "tokens": [t for t, _ in rs],
-                         "seconds": [s for _, s in rs]}
+                         "tokens_per_s": rates, "tokens": [t for t, _, _ in rs],
+                         "steps": [st for _, st, _ in rs], "seconds": [s for _, _, s in rs],
+                         "step_bound_fraction_median": statistics.median(step_fraction)}
         rec["ours_vs_hf"] = rec["ours"]["tokens_per_s_median"] / rec["hf"]["tokens_per_s_median"]
         rec["ours_fraction_of_limit"] = rec["ours"]["tokens_per_s_median"] / limit
         result["cases"][case] = rec
         print(f"[generation] {case} batch {batch}: ours {rec['ours']['tokens_per_s_median']:.0f}"
               f" tok/s, HF {rec['hf']['tokens_per_s_median']:.0f}, limit {limit:.0f} "
               f"({rec['limit_bound']})", flush=True)
+    if args.profile_case:
+        result["profile"] = profile(model, tok, encoded, args.profile_case, n)
     result["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
     result["machine"]["loadavg_end"] = os.getloadavg()
     out = Path(args.out)
@@ -191,8 +223,8 @@ def markdown(r: dict) -> str:
         f"median of the timed runs. Load average at the start "
         f"{r['machine']['loadavg_start'][0]:.2f}.", "",
         "| stage's batch | rows | ours tokens/s | HF generate tokens/s | ours / HF "
-        "| limit tokens/s (bound) | ours / limit |",
-        "|---|---|---|---|---|---|---|",
+        "| limit tokens/s (bound) | ours / limit | ours' steps at the bound / its time |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for case, c in r["cases"].items():
         shape = (f"{c['prompts']} prompts x {c['samples_per_prompt']}"
@@ -200,10 +232,22 @@ def markdown(r: dict) -> str:
         lines.append(f"| {case} ({shape}) | {c['batch']} | {c['ours']['tokens_per_s_median']:.0f} "
                      f"| {c['hf']['tokens_per_s_median']:.0f} | {c['ours_vs_hf']:.2f}x "
                      f"| {c['limit_tokens_per_s']:.0f} ({c['limit_bound']}) "
-                     f"| {100 * c['ours_fraction_of_limit']:.0f}% |")
+                     f"| {100 * c['ours_fraction_of_limit']:.0f}% "
+                     f"| {100 * c['ours']['step_bound_fraction_median']:.0f}% |")
     lines += ["", "The limit counts decoding steps only (weights read once per step, a "
               "matrix-vector product per row), not the prefill or KV-cache reads, which the "
-              "measured tokens/s include.", "", "Command:", "", "```", r["command"], "```", ""]
+              "measured tokens/s include. Rows that reach EOS leave our batch, but a step "
+              "reads every weight however few rows it has left: the last column is the time "
+              "our run's own decoding steps would take at the bound, over the time it took.",
+              ""]
+    if r.get("profile"):
+        lines += [f"Where the {r['profile']['case']} case's time goes (torch profiler, one call, "
+                  "self CPU time by operator):", "", "| operator | share | calls |",
+                  "|---|---|---|"]
+        lines += [f"| {op['name']} | {100 * op['share']:.1f}% | {op['calls']} |"
+                  for op in r["profile"]["ops"]]
+        lines.append("")
+    lines += ["Command:", "", "```", r["command"], "```", ""]
     return "\n".join(lines)
 
 
