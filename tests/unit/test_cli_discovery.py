@@ -197,6 +197,15 @@ def test_shipped_configs_and_data_from_another_folder(tmp_path):
     assert data["label"] == str(REPO / "data" / "wordnet" / "label.jsonl")
 
 
+def _installed_files() -> list[str]:
+    """This environment's `rlhf` command and the package's entries in its site-packages."""
+    import sysconfig
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    entries = [*site.glob("*rlhf_pipeline*"), Path(sys.executable).parent / "rlhf"]
+    return sorted(str(e) for e in entries if e.exists())
+
+
 def test_wheel_ships_configs_and_data(tmp_path):
     """A wheel built from the source puts configs and data under <prefix>/share, where an
     installed `rlhf` finds them from any folder."""
@@ -207,14 +216,20 @@ def test_wheel_ships_configs_and_data(tmp_path):
     shutil.copytree(REPO / "data" / "wordnet", src / "data" / "wordnet")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
+    installed_before = _installed_files()
     pip = [sys.executable, "-m", "pip", "-q"]
     subprocess.run([*pip, "wheel", "--no-build-isolation", "--no-deps", "--no-index",
                     "-w", str(tmp_path / "dist"), str(src)], check=True, timeout=300,
                    capture_output=True)
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     prefix = tmp_path / "prefix"
-    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--prefix", str(prefix),
-                    str(wheel)], check=True, timeout=300, capture_output=True)
+    # --ignore-installed: without it pip uninstalls the package from the environment running
+    # the tests (an editable `make install`, and with it the `rlhf` command) before it
+    # installs into the prefix.
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--ignore-installed",
+                    "--prefix", str(prefix), str(wheel)], check=True, timeout=300,
+                   capture_output=True)
+    assert _installed_files() == installed_before, "installing the wheel changed the test's env"
     (site,) = prefix.glob("lib/python*/site-packages")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
