@@ -523,7 +523,8 @@ class EvalConfig:
     ppo: str = ""
     # DPO stage folder; without one (none in the run) DPO is not evaluated.
     dpo: str = ""
-    # Reward-model stage folder; without one there are no RM scores or best-of-N.
+    # Reward-model stage folder; "" = the run's rm/, else the one the PPO stage trained
+    # against. Without any there are no RM scores or best-of-N.
     reward_model: str = ""
     # Prompts of data.eval used (None = all).
     num_prompts: int | None = setting(None, POSITIVE)
