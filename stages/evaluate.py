@@ -31,7 +31,6 @@ from accelerate.utils import gather_object
 from pipeline.config import Config
 from pipeline.data import PromptExample, column_map, load_prompts
 from pipeline.errors import PipelineError
-from pipeline.files import file_sha256, read_manifest
 from pipeline.lifecycle import Outcome, Stage
 from pipeline.models import load_policy, load_reward_model, position_ids
 from pipeline.normalization import RewardNormalization
@@ -411,8 +410,13 @@ class Eval(Stage):
         self.trained = {name: parent for name in TRAINED
                         if (parent := self.open(name, name, getattr(c, name), f"eval.{name}",
                                                 optional=True)) is not None}
-        rm = self.open("reward_model", "rm", self.reward_model_dir(), "eval.reward_model",
-                       optional=True)
+        rm_dir, rm_sha = self.reward_model_dir()
+        rm = self.open("reward_model", "rm", rm_dir, "eval.reward_model", optional=True)
+        if rm_sha is not None and rm.manifest_sha256 != rm_sha:
+            raise PipelineError(
+                f"eval.reward_model: PPO ({self.trained['ppo'].path}) trained against {rm.path}, "
+                "which has changed since; name the reward model to score with in "
+                "eval.reward_model")
         norm = RewardNormalization.of(rm) if rm is not None else None
         spec = ppo_objective(cfg, self.trained.get("ppo"), norm)
         self.examples = load_prompts(cfg.data.eval, limit=c.num_prompts,
@@ -434,24 +438,19 @@ class Eval(Stage):
         except ValueError:
             self.questions = []
 
-    def reward_model_dir(self) -> str:
+    def reward_model_dir(self) -> tuple[str, str | None]:
         """eval.reward_model, else the run's rm/, else the reward model PPO trained against:
         a PPO run that borrowed another run's reward model is still scored and compared
-        with best-of-N by it. That one must be the model PPO saw (its manifest unchanged)."""
+        with best-of-N by it. With the manifest hash PPO recorded when it is the borrowed one
+        (it must be the model PPO saw), else None."""
         c = self.cfg.eval
         ppo = self.trained.get("ppo")
         if c.reward_model or stage_dir(self.cfg, "rm", "").exists() or ppo is None:
-            return c.reward_model
+            return c.reward_model, None
         recorded = ppo.manifest.get("parents", {}).get("reward_model")
         if not recorded:
-            return ""
-        path = Path(recorded["path"])
-        current = read_manifest(path) if path.is_dir() else None
-        if current is None or file_sha256(path / MANIFEST) != recorded.get("manifest_sha256"):
-            raise PipelineError(
-                f"eval.reward_model: PPO ({ppo.path}) trained against {path}, which is gone or "
-                "has changed since; name the reward model to score with in eval.reward_model")
-        return str(path)
+            return "", None
+        return recorded["path"], recorded.get("manifest_sha256")
 
     def body(self) -> Outcome:
         cfg, c = self.cfg, self.cfg.eval
