@@ -78,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sides", default="ours,trl,ours_lora",
                    help=f"comma list of {list(SIDES)}, run in this order [ours,trl,ours_lora]")
     p.add_argument("--no-lora", action="store_true", help="skip our LoRA row")
+    p.add_argument("--precision", default="no", choices=["no", "bf16"],
+                   help="autocast of every side: ppo.mixed_precision for ours, TRL's bf16 [no]")
     p.add_argument("--workdir", default=None, help="keep the setup and runs here (default: temp)")
     p.add_argument("--out", default=None,
                    help="results file stem [bench/results/ppo_vs_trl; quick bench/results/smoke]")
@@ -240,6 +242,7 @@ def ours_cmd(setup: dict, work: Path, name: str, args, lora: bool, rloo: bool) -
         "ppo.save_every=0", "ppo.snapshot_every=0", "ppo.gradient_checkpointing=false",
         "ppo.ptx_coef=0", "ppo.critic_warmup_updates=0",
         f"ppo.lora.enabled={'true' if lora else 'false'}",
+        f"ppo.mixed_precision={args.precision}",
     ]
     if lora:
         over += ["ppo.lora.r=16", "ppo.lora.alpha=32", "ppo.lr=2e-4", "ppo.critic_lr=2e-4"]
@@ -287,7 +290,7 @@ def run_trl(setup: dict, work: Path, rep: int, args, lora: bool) -> dict:
            "--minibatches", str(args.minibatches),
            "--response-length", str(args.response_length), "--temperature", "0.7",
            "--kl-coef", "0.05", "--lr", "3e-6", "--missing-eos-penalty", "1.0",
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--precision", args.precision]
     if lora:
         # Our LoRA row's settings: r 16, alpha 32, every linear layer, its learning rate.
         cmd[cmd.index("--lr") + 1] = "2e-4"
@@ -470,6 +473,7 @@ def fmt_rows(size_result: dict) -> list[str]:
 
 def write_markdown(result: dict, path: Path) -> None:
     a = result["settings"]
+    precision = "bf16 autocast" if a.get("precision") == "bf16" else "fp32"
     trl = result["versions"].get("trl_side", {}).get("trl", "1.12.0")
     rloo = result["versions"].get("trl_rloo_side", {}).get("trl")
     lines = [f"# PPO: ours vs TRL {trl}" + (f"; RLOO: ours vs TRL {rloo}" if rloo else "")
@@ -478,7 +482,8 @@ def write_markdown(result: dict, path: Path) -> None:
              f"{result['machine'].get('cpu_count')} CPUs; threads {a['threads']} per side "
              f"(torch.set_num_threads + OMP_NUM_THREADS); batch {a['batch']}, "
              f"{a['response_length']} new tokens at T=0.7, {a['epochs']} PPO epochs x "
-             f"{a['minibatches']} minibatch(es), KL coef 0.05 fixed, fp32, {a['reps']} reps x {a['updates']} timed "
+             f"{a['minibatches']} minibatch(es), KL coef 0.05 fixed, {precision}, "
+             f"{a['reps']} reps x {a['updates']} timed "
              f"updates per side (+{a['warmup']} warm-up each), order {' / '.join(a['order'])}.",
              ""]
     load = result["machine"].get("loadavg_start", [0.0])[0]
@@ -550,6 +555,7 @@ def main(argv=None) -> int:
                      "warmup": args.warmup, "sizes": args.sizes, "threads": args.threads,
                      "batch": args.batch, "response_length": args.response_length,
                      "epochs": args.epochs, "minibatches": args.minibatches,
+                     "precision": args.precision,
                      "temperature": 0.7,
                      "kl_coef": 0.05, "order": order, "data": str(DATA.relative_to(ROOT)),
                      "max_prompt_tokens": MAX_PROMPT_TOKENS,

@@ -25,6 +25,8 @@ def side_arguments(p: argparse.ArgumentParser, updates: int) -> None:
     p.add_argument("--lr", type=float, default=3e-6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="no", choices=["no", "bf16"],
+                   help="autocast: TRL's bf16 flag (on CPU, torch's bf16 autocast)")
     p.add_argument("--lora-r", type=int, default=0,
                    help="train a peft LoRA adapter of this rank on the policy (0: full)")
     p.add_argument("--lora-alpha", type=int, default=32)

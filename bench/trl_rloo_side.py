@@ -88,7 +88,7 @@ def main() -> int:
             learning_rate=args.lr,
             disable_dropout=True,
             shuffle_dataset=False,
-            bf16=False,
+            bf16=args.precision == "bf16",
             fp16=False,
             gradient_checkpointing=False,
             report_to=[],

@@ -110,7 +110,7 @@ def main() -> int:
             stop_token="eos",
             missing_eos_penalty=args.missing_eos_penalty,
             num_sample_generations=0,
-            bf16=False,
+            bf16=args.precision == "bf16",
             fp16=False,
             gradient_checkpointing=False,
             report_to=[],

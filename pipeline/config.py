@@ -91,7 +91,7 @@ POSITIVE = Range(0, low_open=True)
 NON_NEGATIVE = Range(0)
 PROBABILITY = Range(0, 1)
 SCHEDULERS = OneOf(("linear", "cosine", "constant"))
-PRECISIONS = OneOf(("no", "bf16", "fp16"))
+PRECISIONS = OneOf(("no", "bf16", "fp16", "auto"))
 
 
 def setting(default: Any, check: OneOf | Range) -> Any:
@@ -215,7 +215,8 @@ class DataConfig:
 class PrecisionConfig:
     """Memory and arithmetic precision of a training stage (sft, rm, ppo, dpo)."""
 
-    # Mixed precision for GPUs: "no", "bf16" or "fp16". CPU runs use "no".
+    # Autocast: "no" (fp32), "bf16", "fp16" (GPUs only; fp32 on a CPU) or "auto" (bf16 on a
+    # GPU that supports it, else fp32). Weights and optimizer state stay fp32 either way.
     mixed_precision: str = setting("no", PRECISIONS)
     # Recompute activations in the backward pass: less memory, more compute.
     gradient_checkpointing: bool = False
@@ -1075,6 +1076,11 @@ def _build(cls: type, values: dict, prefix: str, problems: list[str], base: Any 
         elif dataclasses.is_dataclass(tp) and isinstance(value, dict):
             setattr(obj, field_name, _build(tp, value, key, problems, base=current))
         else:
+            check = next(f.metadata.get("check") for f in dataclasses.fields(cls)
+                         if f.name == field_name)
+            if value is False and isinstance(check, OneOf) and "no" in check.choices:
+                # YAML 1.1 reads an unquoted `no` as false (mixed_precision=no).
+                value = "no"
             before = len(problems)
             coerced = _coerce(value, tp, key, problems)
             # A mistyped value (already reported) keeps the previous one, so the value checks

@@ -59,6 +59,18 @@ def prepare_process(cfg: Config) -> bool:
     return cpu
 
 
+def resolve_precision(requested: str, cpu: bool) -> str:
+    """The autocast a stage runs under: "auto" is bf16 on a GPU that supports it and fp32 on
+    a CPU, where bf16 autocast was no faster at the default run's LoRA shapes even with AMX
+    tiles (bench/results/precision.md); an explicit "bf16" runs it on a CPU anyway, fp16 (no
+    CPU kernels) falls back to fp32 there."""
+    if requested == "auto":
+        return "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
+    if cpu and requested == "fp16":
+        return "no"
+    return requested
+
+
 def make_accelerator(cfg: Config, mixed_precision: str = "no",
                      gradient_accumulation_steps: int = 1) -> Accelerator:
     """An Accelerator that really is distributed under ``accelerate launch`` on CPU too.
@@ -69,7 +81,7 @@ def make_accelerator(cfg: Config, mixed_precision: str = "no",
     cpu = prepare_process(cfg)
     accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision=mixed_precision if not cpu else "no",
+        mixed_precision=resolve_precision(mixed_precision, cpu),
         gradient_accumulation_steps=gradient_accumulation_steps,
     )
     check_backend(accelerator, os.environ)

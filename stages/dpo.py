@@ -61,7 +61,7 @@ from pipeline.models import (
 )
 from pipeline.progress import progress
 from pipeline.rundir import StageDir
-from pipeline.runtime import prepare_process
+from pipeline.runtime import prepare_process, resolve_precision
 from pipeline.text import encode_prompt, greedy_samples
 from pipeline.tracking import Tracker
 from pipeline.training import (
@@ -238,7 +238,7 @@ def trainer_args(cfg: Config, stage: StageDir, cpu: bool, total_steps: int,
     """DPOConfig with every setting that matters given explicitly: TRL's defaults (bf16 and
     gradient checkpointing on, its own logging and reporting) are not this pipeline's."""
     c = cfg.dpo
-    half = not cpu and c.mixed_precision != "no"
+    precision = resolve_precision(c.mixed_precision, cpu)
     return DPOConfig(
         output_dir=str(stage.checkpoints),
         per_device_train_batch_size=c.batch_size,
@@ -252,8 +252,8 @@ def trainer_args(cfg: Config, stage: StageDir, cpu: bool, total_steps: int,
         lr_scheduler_type={"constant": "constant_with_warmup"}.get(c.lr_scheduler,
                                                                     c.lr_scheduler),
         max_grad_norm=c.max_grad_norm,
-        bf16=half and c.mixed_precision == "bf16",
-        fp16=half and c.mixed_precision == "fp16",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         use_cpu=cpu,
         **{CHECKPOINTING: c.gradient_checkpointing},
         seed=cfg.run.seed,

@@ -20,7 +20,6 @@ from transformers import AutoModelForCausalLM
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.rundir import MANIFEST
-from pipeline.runtime import set_threads
 from stages import ops, ppo, sft
 from tests.conftest import assert_same_metrics, logged_rows, tiny_override_list
 from tests.integration.scripted_ppo import scripted_generate
@@ -165,31 +164,11 @@ def test_lora_mode_and_lagrangian_cost(sft_root):
         AutoModelForCausalLM.from_pretrained(folder)
 
 
-@pytest.fixture
-def cpu_mixed_precision(monkeypatch):
-    """make_accelerator keeps CPU runs in fp32; here ppo.mixed_precision reaches the Accelerator
-    on the CPU too (CPU bf16 autocast), the nearest a CPU gets to the GPU configs."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
-
-    def make(cfg, mixed_precision="no", gradient_accumulation_steps=1):
-        set_threads(cfg.run.threads)
-        AcceleratorState._reset_state()
-        accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
-        set_seed(cfg.run.seed)
-        return accelerator
-
-    monkeypatch.setattr(ppo, "make_accelerator", make)
-    yield
-    AcceleratorState._reset_state()
-
-
 @pytest.mark.parametrize("lora", [False, True])
-def test_bf16_starts_at_kl_zero(sft_root, cpu_mixed_precision, monkeypatch, lora):
-    """The shipped GPU configs: bf16 autocast with full fine-tuning. The reference, the sampler
-    and the scorer all run under the policy's autocast, so policy and reference agree before
-    the first update."""
+def test_bf16_starts_at_kl_zero(sft_root, monkeypatch, lora):
+    """bf16 autocast (the shipped GPU configs; mixed_precision=auto on a CPU with AMX). The
+    reference, the sampler and the scorer all run under the policy's autocast, so policy and
+    reference agree before the first update."""
     autocast_in_sampler = []
     real_generate = ppo.generate
 

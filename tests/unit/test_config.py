@@ -47,6 +47,17 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.sft.epochs == Config().sft.epochs
 
 
+def test_unquoted_no_is_the_precision_no(tmp_path):
+    """YAML 1.1 reads `no` as false; mixed_precision=no (accelerate's spelling) still means no,
+    while a string field that has no "no" choice still refuses a boolean."""
+    f = write(tmp_path / "c.yaml", "sft:\n  mixed_precision: no\n")
+    cfg = load_config(f, ["ppo.mixed_precision=no", "rm.mixed_precision=auto"])
+    assert (cfg.sft.mixed_precision, cfg.ppo.mixed_precision) == ("no", "no")
+    assert cfg.rm.mixed_precision == "auto"
+    with pytest.raises(ConfigError, match="run.name=False: expected a string"):
+        load_config(None, ["run.name=no"])
+
+
 def test_nested_file_section_keeps_other_defaults(tmp_path):
     f = write(tmp_path / "c.yaml", "model:\n  scratch:\n    num_layers: 3\n")
     cfg = load_config(f)
@@ -155,7 +166,7 @@ def test_shared_training_fields_keep_their_check_under_each_stage_default():
         "rm.warmup_ratio=1.0: expected in [0, 1)",
         "ppo.num_minibatches=0: expected > 0",
         "ppo.lr_scheduler='cosine': expected one of linear, constant",
-        "ppo.mixed_precision='fp8': expected one of no, bf16, fp16",
+        "ppo.mixed_precision='fp8': expected one of no, bf16, fp16, auto",
         "dpo.lr_scheduler='step': expected one of linear, cosine, constant",
     ]
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from pipeline import runtime
 from pipeline.runtime import keep_freed_memory, set_threads
 
 
@@ -49,3 +50,19 @@ def test_openmp_threads_spin_briefly_unless_the_user_says_otherwise():
     assert spin() == "3000"
     assert spin(GOMP_SPINCOUNT="50") == "50"
     assert spin(OMP_WAIT_POLICY="ACTIVE") == "None"
+
+
+@pytest.mark.parametrize("requested, cpu, expected", [
+    ("auto", True, "no"), ("bf16", True, "bf16"), ("fp16", True, "no"), ("no", True, "no"),
+    ("bf16", False, "bf16"), ("fp16", False, "fp16"),
+])
+def test_precision(requested, cpu, expected):
+    """auto keeps a CPU in fp32 (bf16 autocast measured no faster there); fp16 has no CPU
+    kernels; what a GPU is asked for it gets."""
+    assert runtime.resolve_precision(requested, cpu=cpu) == expected
+
+
+def test_auto_precision_on_a_gpu_follows_its_bf16_support(monkeypatch):
+    for supported, expected in [(True, "bf16"), (False, "no")]:
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda s=supported: s)
+        assert runtime.resolve_precision("auto", cpu=False) == expected
