@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,20 +21,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import timed, write_results  # noqa: E402
 from stages import ops  # noqa: E402
 
 VOCAB = 49152
-
-
-def timed(fn, repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000.0
 
 
 def autograd_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
@@ -145,9 +132,6 @@ def main(argv=None) -> None:
               "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__, "threads": args.threads, "repeats": args.repeats,
               "command": command, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Kernels: ours vs the plain version", "",
              f"{result['started']}; torch {torch.__version__}; {args.threads} threads; median of "
              f"{args.repeats} calls after 2 warm-up calls.", "",
@@ -155,8 +139,7 @@ def main(argv=None) -> None:
     lines += [f"| {r['op']} | {r['plain']} | {r['plain_ms']:.1f} | {r['ours']} | "
               f"{r['ours_ms']:.1f} | {r['speedup']:.2f}x |" for r in rows]
     lines += ["", "Command:", "", "```", command, "```", ""]
-    out.with_suffix(".md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(args.out, result, "\n".join(lines))
 
 
 if __name__ == "__main__":

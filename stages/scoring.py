@@ -101,13 +101,13 @@ class ScoreModel(torch.nn.Module):
         inner = hf_model(self.model)
         backbone = getattr(inner, inner.base_model_prefix)
         hidden = trunk_hidden(backbone, input_ids, attention_mask, groups)  # (B, T, d)
-        # The heads in float32 under any autocast: a bf16 score resolves ~3 digits, coarser
-        # than the reward differences the Bradley-Terry loss and the critic's targets carry.
+        # The heads in their weights' precision (float32 unless the model was loaded in bf16)
+        # under any autocast: a bf16 score resolves ~3 digits, coarser than the reward
+        # differences the Bradley-Terry loss and the critic's targets carry.
         with torch.autocast(hidden.device.type, enabled=False):
-            hidden = hidden.float()
-            scores = inner.score(hidden).float()  # (B, T, num_labels)
-            if self.extra is not None:
-                scores = torch.cat([scores, self.extra(hidden).float()], dim=-1)
+            heads = [inner.score] + ([self.extra] if self.extra is not None else [])
+            scores = torch.cat([head(hidden.to(next(head.parameters()).dtype)).float()
+                                for head in heads], dim=-1)  # (B, T, num_labels + extra)
         return scores
 
 

@@ -134,3 +134,33 @@ def test_unknown_entropy_mode_is_refused():
     ids, attention, scored = batch()
     with pytest.raises(ValueError, match="entropy must be none, detached or grad, got 'full'"):
         PolicyModel(llama())(ids, attention, scored, entropy="full")
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_score_heads_stay_in_their_weights_precision_under_bf16_autocast(extra):
+    """Under bf16 autocast the reward and value heads still run in float32 on the trunk's
+    hidden states; a model loaded in bf16 keeps bf16 heads (no dtype mismatch)."""
+    from transformers import LlamaForSequenceClassification
+
+    from pipeline.models import hf_model
+    from stages.scoring import ScoreModel, trunk_hidden
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, pad_token_id=PAD, num_labels=1)
+    scorer = ScoreModel(LlamaForSequenceClassification(config), extra_outputs=extra).eval()
+    if extra:
+        torch.nn.init.normal_(scorer.extra.weight)
+    ids, attention, _ = batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = scorer(ids, attention)
+        inner = hf_model(scorer.model)
+        hidden = trunk_hidden(getattr(inner, inner.base_model_prefix), ids, attention, None)
+        # What autocast alone would make of the head: a bf16 matmul.
+        assert inner.score(hidden).dtype == torch.bfloat16
+    heads = [inner.score] + ([scorer.extra] if extra else [])
+    expected = torch.cat([h(hidden.float()) for h in heads], dim=-1)
+    assert scores.dtype == torch.float32 and torch.equal(scores, expected)
+    with torch.no_grad():
+        assert scorer.to(torch.bfloat16)(ids, attention).dtype == torch.float32
