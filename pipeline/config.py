@@ -325,6 +325,10 @@ class RMConfig(TrainingConfig):
     # Ranked JSONL; "" = data.ranked if set, else <run>/label/data.jsonl.
     data: str = ""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # Seed of the model's initialisation (score head, adapter) and of the data order; null =
+    # run.seed. The held-out prompts follow run.seed either way, so reward models that differ
+    # only here (the members of an ensemble, a seed-variance study) are scored on one set.
+    seed: int | None = None
     # Bradley-Terry margin: loss = -log sigmoid(r_chosen - r_rejected - margin).
     margin: float = setting(0.0, NON_NEGATIVE)
     # Confidence bins of the held-out calibration error (ECE).

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 
 from pipeline import sharding
@@ -296,9 +296,12 @@ class RewardModel(Stage):
                                 f"{source} has {len(groups)} ranked prompts")
         self.eval_groups, self.train_groups = heldout_split(groups, c.eval_size, cfg.run.seed)
 
+        self.seed = cfg.run.seed if c.seed is None else c.seed
+        if c.seed is not None:
+            set_seed(c.seed + self.accelerator.process_index)
         with self.accelerator.main_process_first():
             backbone = load_reward_backbone(c.base or str(sft.model_dir), cfg.model, tok,
-                                            seed=cfg.run.seed)
+                                            seed=self.seed)
         if c.lora.enabled:
             backbone = apply_lora(backbone, c.lora, task_type="SEQ_CLS", modules_to_save=["score"])
         if c.gradient_checkpointing:
@@ -363,7 +366,7 @@ class RewardModel(Stage):
         bar = progress(total_steps, "rm", enabled=cfg.tracking.progress and
                        accelerator.is_main_process, initial=loop.step)
         for out in optimizer_steps(accelerator, scorer, optimizer, scheduler, loader, shuffler,
-                                   cfg.run.seed, loop, total_steps, c.max_grad_norm, compute_loss,
+                                   self.seed, loop, total_steps, c.max_grad_norm, compute_loss,
                                    guard):
             step = loop.step
             bar.update(1)

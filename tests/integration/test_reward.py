@@ -264,6 +264,30 @@ def test_resume_matches_uninterrupted(sft_dir: Path, toy_rm: Path) -> None:
         assert resumed["metrics"][key] == pytest.approx(whole["metrics"][key], rel=1e-5), key
 
 
+def test_rm_seed_changes_the_model_and_keeps_the_heldout_prompts(sft_dir: Path,
+                                                                 toy_rm: Path) -> None:
+    """Ensemble members differ in rm.seed only: another initialisation and data order, the
+    same held-out prompts; rm.seed = run.seed is the unset default, bit for bit."""
+    root = sft_dir.parents[1]
+    args = [f"rm.data={root / 'toy.jsonl'}", "rm.max_steps=4", "rm.lr=3e-3",
+            "rm.norm_samples=0"]
+    seed = rm_config(root, "x", sft_dir).run.seed
+    runs = {name: reward.run(rm_config(root, f"seed-{name}", sft_dir, *args, *extra))
+            for name, extra in [("unset", []), ("same", [f"rm.seed={seed}"]),
+                                ("other", [f"rm.seed={seed + 7}"])]}
+
+    def heldout(path: Path) -> list[str]:
+        return [json.loads(line)["prompt"] for line in (path / "samples.jsonl").open()]
+
+    def weights(path: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(path / "model" / "model.safetensors"))
+
+    assert heldout(runs["unset"]) == heldout(runs["same"]) == heldout(runs["other"])
+    unset, same, other = (weights(runs[k]) for k in ("unset", "same", "other"))
+    assert all(torch.equal(unset[k], same[k]) for k in unset)
+    assert not torch.equal(unset["score.weight"], other["score.weight"])
+
+
 def test_k_way_loss_is_mean_over_prompts_of_mean_pair_loss() -> None:
     groups = [
         reward.Group("p", ("a", "b", "c"), ((1,), (2, 3), (4,)), ranks=(0, 1, 2)),
