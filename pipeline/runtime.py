@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 from pipeline.config import Config
@@ -79,9 +80,15 @@ def make_accelerator(cfg: Config, mixed_precision: str = "no",
     for the CPU explicitly makes it join the gloo process group the launcher set up.
     """
     cpu = prepare_process(cfg)
+    precision = resolve_precision(mixed_precision, cpu)
+    if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
+        # One process runs several stages (rlhf pipeline, scaling), each in its own precision,
+        # and accelerate refuses to change the one it keeps per process; the process group
+        # (PartialState) is kept.
+        AcceleratorState._reset_state()
     accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision=resolve_precision(mixed_precision, cpu),
+        mixed_precision=precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
     )
     check_backend(accelerator, os.environ)

@@ -66,3 +66,13 @@ def test_auto_precision_on_a_gpu_follows_its_bf16_support(monkeypatch):
     for supported, expected in [(True, "bf16"), (False, "no")]:
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda s=supported: s)
         assert runtime.resolve_precision("auto", cpu=False) == expected
+
+
+def test_stages_of_one_process_each_get_their_precision():
+    """rlhf pipeline runs sft, label, rm, ppo, eval in one process: a bf16 stage after an fp32
+    one (and back) gets its own autocast instead of accelerate's refusal."""
+    from pipeline.config import load_config
+
+    cfg = load_config(None, ["run.threads=1", "run.device=cpu"])
+    for precision in ("no", "bf16", "no"):
+        assert runtime.make_accelerator(cfg, precision).mixed_precision == precision
