@@ -548,9 +548,10 @@ class EvalConfig:
     bootstrap: int = setting(1000, NON_NEGATIVE)
     # Confidence bins of the calibration probe's ECE.
     calibration_bins: int = setting(10, POSITIVE)
-    # Questions of the calibration probe (the first N eval words; None = one per eval prompt).
-    # Each reads four definitions, so the probe costs several times a policy's sampling.
-    calibration_questions: int | None = setting(None, POSITIVE)
+    # Questions of the calibration probe (the first N eval words; None = one per eval prompt;
+    # 0 = no probe). Each reads four definitions, so the probe costs several times a policy's
+    # sampling.
+    calibration_questions: int | None = setting(None, NON_NEGATIVE)
 
 
 @dataclass
@@ -648,6 +649,10 @@ class ScalingConfig:
     # PPO policies on the overoptimization curve (snapshots and the final policy): sets
     # ppo.snapshot_every to ppo.num_updates // ppo_points unless snapshots are already as dense.
     ppo_points: int = 6
+    # Prompts of the eval stage this command runs (None = eval.num_prompts), which then skips
+    # the calibration probe: the overoptimization fits read gold and KL only, and at the
+    # default's 300 prompts and 100 questions the eval of nine policies outlasts the rest.
+    eval_prompts: int | None = setting(128, POSITIVE)
     # Train PPO and evaluate for the overoptimization fits (the longest part); false stops
     # after the SFT and reward-model checks.
     overoptimization: bool = True

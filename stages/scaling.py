@@ -13,7 +13,8 @@ The GPT-4 report's predictable scaling, asked of an RLHF run. In order:
    of training comparisons predict the full reward model's figures, and the number of
    comparisons at which accuracy reaches ``scaling.target_accuracy``; recorded, then the full
    reward-model stage trains and is scored the same way.
-3. Overoptimization (``scaling.overoptimization``): PPO with snapshots, then eval; Gao et al.'s
+3. Overoptimization (``scaling.overoptimization``): PPO with snapshots, then eval (on
+   ``scaling.eval_prompts`` prompts, without the calibration probe); Gao et al.'s
    forms fitted to the gold gain over SFT against d = sqrt(KL) for the PPO points and for
    best-of-n (n = 1..eval.best_of_n, from the same samples), with the KL where gold is predicted
    to peak, and a holdout: a fit on the early PPO points predicts the later ones. These points
@@ -602,6 +603,16 @@ def ppo_snapshots(cfg: Config) -> Config:
     return with_keys(cfg, {"ppo.snapshot_every": every})
 
 
+def lean_eval(cfg: Config) -> Config:
+    """The config eval runs with: ``scaling.eval_prompts`` prompts, no calibration probe."""
+    if cfg.scaling.eval_prompts is None:
+        return cfg
+    limit = cfg.scaling.eval_prompts
+    if cfg.eval.num_prompts is not None:
+        limit = min(limit, cfg.eval.num_prompts)
+    return with_keys(cfg, {"eval.num_prompts": limit, "eval.calibration_questions": 0})
+
+
 def run(cfg: Config, echo=print) -> Path:
     """Every part in order; returns the path of scaling.json."""
     found = problems(cfg)
@@ -620,7 +631,7 @@ def run(cfg: Config, echo=print) -> Path:
     rm_part(cfg, ledger, stages, echo, device)
     if cfg.scaling.overoptimization:
         stages.run(ppo, ppo_snapshots(cfg), "ppo", "ppo")
-        folder, _ = stages.run(evaluate, cfg, "eval", "eval")
+        folder, _ = stages.run(evaluate, lean_eval(cfg), "eval", "eval")
         results = json.loads((folder / "results.json").read_text())
         for record in overoptimization(results, cfg.scaling.early_fraction, cfg.scaling.level):
             ledger.add(record["kind"], record["id"],

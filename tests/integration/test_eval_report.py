@@ -122,6 +122,20 @@ def test_calibration_probe_per_policy(chain):
             sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins) / 6)
 
 
+def test_no_calibration_probe_with_zero_questions(chain, tmp_path):
+    run = chain["cfg"].run_dir
+    cfg = load_config(None, [*tiny_override_list(tmp_path, name="noprobe"), *EVAL,
+                             "eval.calibration_questions=0", f"eval.sft={run / 'sft'}",
+                             f"eval.ppo={run / 'ppo'}"])
+    results = json.loads((evaluate.run(cfg) / "results.json").read_text())
+    torch.set_num_threads(1)
+    assert results["calibration"]["num_questions"] == 0
+    assert results["calibration"]["policies"] == {}
+    assert set(results["policies"]) == {"base", "sft", "ppo"}
+    html = (report.run(cfg) / "report.html").read_text()
+    assert "The calibration probe did not run." in html
+
+
 def test_multiple_choice_builder():
     examples = load_prompts(DATA / "eval.jsonl", limit=20)
     questions = evaluate.multiple_choice(examples, seed=3)

@@ -109,6 +109,17 @@ def test_ppo_snapshots_are_made_dense_enough():
     assert scaling.ppo_snapshots(denser) is denser
 
 
+def test_the_eval_it_runs_is_lean():
+    cfg = load_config(None, ["eval.num_prompts=300", "eval.calibration_questions=100"])
+    lean = scaling.lean_eval(cfg)
+    assert (lean.eval.num_prompts, lean.eval.calibration_questions) == (128, 0)
+    assert cfg.eval.num_prompts == 300  # the config itself is not changed
+    fewer = scaling.lean_eval(load_config(None, ["eval.num_prompts=40"]))
+    assert fewer.eval.num_prompts == 40
+    whole = load_config(None, ["scaling.eval_prompts=null", "eval.num_prompts=300"])
+    assert scaling.lean_eval(whole) is whole
+
+
 def test_help_lists_the_scaling_keys_first(capsys):
     from pipeline.cli import main
 
