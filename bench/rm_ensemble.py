@@ -30,34 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import write_results  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import load_ranked  # noqa: E402
-from pipeline.models import load_reward_model, load_tokenizer  # noqa: E402
+from pipeline.models import load_tokenizer  # noqa: E402
 from pipeline.normalization import RewardNormalization  # noqa: E402
 from pipeline.rundir import open_parent  # noqa: E402
-from stages import fits, reward  # noqa: E402
-from stages.scoring import ScoreModel, score_sequences  # noqa: E402
+from stages import fits, reward, scaling  # noqa: E402
 
 
 def normalized_rewards(member: str, groups: list[reward.Group], tok, cfg) -> torch.Tensor:
     """(N,) one member's normalized reward of every held-out response, flattened by group."""
     parent = open_parent(member, "rm", "--members")
-    scorer = ScoreModel(load_reward_model(parent.model_dir, cfg.model, tok))
-    raw = score_sequences(scorer, [s for g in groups for s in g.sequences], tok.pad_token_id,
-                          cfg.rm.batch_size * 4, torch.device("cpu"), reward.prompt_groups(groups))
+    raw = scaling.heldout_rewards(parent.model_dir, groups, tok, cfg, torch.device("cpu"))
     return RewardNormalization.of(parent).apply(raw.double())
-
-
-def correct_per_prompt(rewards: torch.Tensor, groups: list[reward.Group],
-                       gold: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(pairs, correctly ordered pairs) per prompt, against gold or the annotators."""
-    pairs, correct, offset = [], [], 0
-    for g in groups:
-        mine = rewards[offset: offset + len(g.sequences)]
-        offset += len(g.sequences)
-        ranks = g.gold if gold else g.ranks
-        gaps = np.asarray(reward.pair_gaps(mine, [ranks]) if ranks else [])
-        pairs.append(len(gaps))
-        correct.append(float((gaps > 0).sum()))
-    return np.asarray(pairs, dtype=float), np.asarray(correct)
 
 
 def main(argv=None) -> int:
@@ -75,8 +58,7 @@ def main(argv=None) -> int:
     held, _ = reward.heldout_split(load_ranked(args.data), cfg.rm.eval_size, cfg.run.seed)
     tok = load_tokenizer(str(open_parent(args.sft, "sft", "--sft").model_dir), cfg.model)
     groups, _ = reward.encode_groups(tok, held, cfg.data.max_prompt_tokens, cfg.rm.max_seq_len)
-    with torch.no_grad():
-        members = [normalized_rewards(m, groups, tok, cfg) for m in args.members]
+    members = [normalized_rewards(m, groups, tok, cfg) for m in args.members]
 
     rows = []
     base = {}
@@ -85,7 +67,10 @@ def main(argv=None) -> int:
             ensemble = torch.stack([members[i] for i in combo]).mean(dim=0)
             row = {"members": list(combo)}
             for judge in ("annotators", "gold"):
-                pairs, correct = correct_per_prompt(ensemble, groups, judge == "gold")
+                columns = scaling.pair_columns(ensemble, groups)
+                prefix = "gold_" if judge == "gold" else ""
+                pairs = np.asarray(columns[f"{prefix}pairs"], dtype=float)
+                correct = np.asarray(columns[f"{prefix}correct"])
                 low, high = fits.ratio_interval(correct, pairs, cfg.eval.bootstrap, cfg.run.seed)
                 if combo == (0,):
                     base[judge] = correct

@@ -651,7 +651,8 @@ class ScalingConfig:
     ppo_points: int = 6
     # Prompts of the eval stage this command runs (None = eval.num_prompts), which then skips
     # the calibration probe: the overoptimization fits read gold and KL only, and at the
-    # default's 300 prompts and 100 questions the eval of nine policies outlasts the rest.
+    # default's 300 prompts and 100 questions the eval of its nine policies took a third of
+    # the command's time.
     eval_prompts: int | None = setting(128, POSITIVE)
     # Train PPO and evaluate for the overoptimization fits (the longest part); false stops
     # after the SFT and reward-model checks.

@@ -302,17 +302,18 @@ def ranked_row(ex: RankedExample) -> dict:
 
 
 @torch.no_grad()
-def heldout_figures(rm_dir: Path, groups: list[reward.Group], tok, cfg: Config,
-                    device: torch.device) -> dict:
-    """A reward model on the held-out prompts: pairwise log loss and accuracy against the
-    annotators' ranks and accuracy against gold, each with a bootstrap interval over prompts
-    (``eval.bootstrap`` resamples). A tied reward counts as a wrong prediction, as in the
-    reward stage's own held-out accuracy."""
-    scorer = ScoreModel(load_reward_model(rm_dir / "model", cfg.model, tok)).to(device)
-    rewards = score_sequences(scorer, [s for g in groups for s in g.sequences],
-                              tok.pad_token_id, cfg.rm.batch_size * 4, device,
-                              reward.prompt_groups(groups))
-    del scorer
+def heldout_rewards(model_dir: Path, groups: list[reward.Group], tok, cfg: Config,
+                    device: torch.device) -> torch.Tensor:
+    """(N,) a reward model's raw reward of every held-out response, flattened by group."""
+    scorer = ScoreModel(load_reward_model(model_dir, cfg.model, tok)).to(device)
+    return score_sequences(scorer, [s for g in groups for s in g.sequences], tok.pad_token_id,
+                           cfg.rm.batch_size * 4, device, reward.prompt_groups(groups))
+
+
+def pair_columns(rewards: torch.Tensor, groups: list[reward.Group]) -> dict[str, list[float]]:
+    """Per prompt: pairs, correctly ordered pairs and log loss against the annotators' ranks,
+    and pairs and correct ones against gold (none where the data has no gold). A tied reward
+    counts as a wrong prediction, as in the reward stage's own held-out accuracy."""
     columns = {k: [] for k in ("pairs", "correct", "loss", "gold_pairs", "gold_correct")}
     offset = 0
     for g in groups:
@@ -326,6 +327,15 @@ def heldout_figures(rm_dir: Path, groups: list[reward.Group], tok, cfg: Config,
                             dtype=torch.float64)
         columns["gold_pairs"].append(len(gold))
         columns["gold_correct"].append(float((gold > 0).sum()))
+    return columns
+
+
+def heldout_figures(rm_dir: Path, groups: list[reward.Group], tok, cfg: Config,
+                    device: torch.device) -> dict:
+    """A reward model on the held-out prompts: pairwise log loss and accuracy against the
+    annotators' ranks and accuracy against gold (``pair_columns``), each with a bootstrap
+    interval over prompts (``eval.bootstrap`` resamples)."""
+    columns = pair_columns(heldout_rewards(rm_dir / "model", groups, tok, cfg, device), groups)
     resamples, seed, level = cfg.eval.bootstrap, cfg.run.seed, cfg.scaling.level
 
     def figure(num: str, den: str) -> dict | None:
