@@ -24,7 +24,8 @@ The GPT-4 report's predictable scaling, asked of an RLHF run. In order:
 The full-size stages are the run's own (``<run>/sft``, ``label``, ``rm``, ``ppo``, ``eval``, then
 ``report.html`` with a section on the fits), so the command also leaves a complete run; the small
 runs live in ``<run>/scaling/<name>/``. Every stage is the stage module's own ``run()`` on a copy
-of the config with a few keys overridden. A stage that is already complete is reused (not
+of the config with a few keys overridden; the small runs of a part train ``scaling.jobs`` at a
+time, each in its own process with its share of the threads. A stage that is already complete is reused (not
 retrained; ``run.overwrite=true`` retrains it), so a killed command continues where it stopped;
 a reused full-size stage is marked so, with its start and finish times beside the prediction's.
 
@@ -37,10 +38,13 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import gc
+import importlib
 import json
 import math
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -211,28 +215,94 @@ def sub_run(cfg: Config, name: str, values: dict) -> Config:
                            "run.push_to_hub": False, **values})
 
 
+def _complete(folder: Path, stage_cfg: Config) -> bool:
+    manifest = read_manifest(folder) if folder.is_dir() else None
+    return bool(manifest and manifest.get("status") == "complete" and not stage_cfg.run.overwrite)
+
+
+def _small_run(module_name: str, stage_cfg: Config, log: str) -> None:
+    """One small run in a child process, its output in ``log``."""
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    importlib.import_module(module_name).run(stage_cfg)
+
+
+def job_threads(cfg: Config, jobs: int) -> int:
+    """Threads of each of ``jobs`` small runs trained side by side: the run's threads (or the
+    machine's cores) shared among them, at least one."""
+    total = cfg.run.threads or os.cpu_count() or 1
+    return max(1, total // jobs)
+
+
 class Stages:
-    """Runs stage modules in turn, reusing complete ones; keeps the seconds each took."""
+    """Runs stage modules, reusing complete ones; keeps the seconds each part took."""
 
     def __init__(self, echo):
         self.echo = echo
         self.seconds: dict[str, float] = {}
 
+    def _took(self, part: str, start: float) -> float:
+        taken = time.time() - start
+        self.seconds[part] = self.seconds.get(part, 0.0) + taken
+        return taken
+
     def run(self, module, stage_cfg: Config, stage: str, part: str) -> tuple[Path, bool]:
         """(stage folder, whether it was reused)."""
         folder = stage_cfg.run_dir / stage
-        manifest = read_manifest(folder) if folder.is_dir() else None
-        if manifest and manifest.get("status") == "complete" and not stage_cfg.run.overwrite:
+        if _complete(folder, stage_cfg):
             self.echo(f"[scaling] {folder} already complete: reused")
             return folder, True
         self.echo(f"[scaling] {stage} -> {folder} ...")
         start = time.time()
         module.run(stage_cfg)
         gc.collect()
-        taken = time.time() - start
-        self.seconds[part] = self.seconds.get(part, 0.0) + taken
-        self.echo(f"[scaling] {stage} done in {taken / 60:.1f} min")
+        self.echo(f"[scaling] {stage} done in {self._took(part, start) / 60:.1f} min")
         return folder, False
+
+    def run_side_by_side(self, module, configs: list[Config], stage: str, part: str,
+                         jobs: int) -> list[tuple[Path, bool]]:
+        """The small runs of one part, ``jobs`` at a time, each in its own process (its output
+        in ``<small run>/<stage>.log``); (stage folder, reused) in the order given. The
+        largest run is started first (the configs are given smallest first), which keeps the
+        processes busy until the end. One job runs them here, in turn."""
+        if jobs <= 1:
+            return [self.run(module, c, stage, part) for c in configs]
+        out: list[tuple[Path, bool] | None] = [None] * len(configs)
+        todo = []
+        for i, c in enumerate(configs):
+            if _complete(c.run_dir / stage, c):
+                self.echo(f"[scaling] {c.run_dir / stage} already complete: reused")
+                out[i] = (c.run_dir / stage, True)
+            else:
+                todo.append(i)
+        if todo:
+            workers = min(jobs, len(todo))
+            self.echo(f"[scaling] {len(todo)} {stage} runs, {workers} at a time: "
+                      + ", ".join(str(configs[i].run_dir / stage) for i in todo))
+            start = time.time()
+            pool = ProcessPoolExecutor(max_workers=workers,
+                                       mp_context=multiprocessing.get_context("spawn"))
+            try:
+                futures = {}
+                for i in reversed(todo):
+                    c = configs[i]
+                    c.run_dir.mkdir(parents=True, exist_ok=True)
+                    log = c.run_dir / f"{stage}.log"
+                    futures[pool.submit(_small_run, module.__name__, c, str(log))] = (i, log)
+                for future in as_completed(futures):
+                    i, log = futures[future]
+                    try:
+                        future.result()
+                    except Exception as exc:
+                        raise PipelineError(f"scaling: the small run {configs[i].run_dir / stage}"
+                                            f" failed ({exc}); its output: {log}") from exc
+                    out[i] = (configs[i].run_dir / stage, False)
+                    self.echo(f"[scaling] {configs[i].run_dir / stage} done")
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+            self.echo(f"[scaling] {stage} runs done in {self._took(part, start) / 60:.1f} min")
+        return out
 
 
 def stage_times(folder: Path) -> dict:
@@ -491,11 +561,14 @@ def sft_part(cfg: Config, ledger: Ledger, stages: Stages, echo) -> None:
     full = planned_steps(math.ceil(len(train_rows) / c.batch_size), 1, c.grad_accum_steps,
                          c.epochs, c.max_steps)
     steps = sorted({max(1, round(f * full)) for f in cfg.scaling.sft_fractions} - {full})
+    threads = job_threads(cfg, cfg.scaling.jobs)
+    subs = [sub_run(cfg, f"sft-{k}", {"sft.max_steps": k, "sft.num_samples": 0,
+                                      "sft.save_every": 0, "sft.eval_every": 0,
+                                      "run.threads": threads})
+            for k in steps]
     points = []
-    for k in steps:
-        sub = sub_run(cfg, f"sft-{k}", {"sft.max_steps": k, "sft.num_samples": 0,
-                                        "sft.save_every": 0, "sft.eval_every": 0})
-        folder, reused = stages.run(sft, sub, "sft", "sft_short_runs")
+    for folder, reused in stages.run_side_by_side(sft, subs, "sft", "sft_short_runs",
+                                                  cfg.scaling.jobs):
         m = read_manifest(folder)["metrics"]
         points.append({"x": m["steps"], "y": m["eval_loss_after"], "run": str(folder),
                        "reused": reused})
@@ -547,19 +620,23 @@ def rm_part(cfg: Config, ledger: Ledger, stages: Stages, echo, device) -> None:
     own_columns = {k: v for k, v in cfg.data.columns.items() if k != "ranked"}
     sizes = sorted({max(1, round(f * len(train))) for f in cfg.scaling.rm_fractions}
                    - {len(train)})
-    points = []
+    threads = job_threads(cfg, cfg.scaling.jobs)
+    subs = []
     for n in sizes:
         data = cfg.run_dir / SUBRUNS / f"rm-{n}" / "data.jsonl"
         atomic_write_text(data, "".join(json.dumps(ranked_row(ex), ensure_ascii=False) + "\n"
                                         for ex in train[:n]))
         values = {"rm.data": str(data), "rm.sft": str(sft_parent.path), "rm.eval_size": 0,
                   "rm.norm_samples": 0, "rm.save_every": 0, "rm.eval_every": 0,
-                  "data.columns": own_columns}
+                  "data.columns": own_columns, "run.threads": threads}
         if cfg.rm.max_steps > 0:
             # A step budget: the same passes over the smaller data.
             values["rm.max_steps"] = max(1, round(cfg.rm.max_steps * n / len(train)))
-        folder, reused = stages.run(reward, sub_run(cfg, f"rm-{n}", values), "rm",
-                                    "rm_subsets")
+        subs.append(sub_run(cfg, f"rm-{n}", values))
+    points = []
+    for n, (folder, reused) in zip(sizes, stages.run_side_by_side(reward, subs, "rm",
+                                                                  "rm_subsets",
+                                                                  cfg.scaling.jobs)):
         points.append({"x": comparisons(train[:n]), "prompts": n, "run": str(folder),
                        "reused": reused, **heldout_figures(folder, held_groups, tok, cfg,
                                                            device)})

@@ -136,6 +136,28 @@ def test_scaling_predicts_before_the_full_stages_and_writes_the_schema(tmp_path,
                if r["kind"] == "measurement")
 
 
+def test_small_runs_side_by_side_match_the_same_runs_in_turn(tmp_path):
+    """scaling.jobs=2 trains the small runs in two child processes (one thread each here, as
+    the in-turn runs): the same points, each run's output in its own log."""
+    data = toy_ranked(tmp_path / "toy.jsonl", 60)
+    points = {}
+    for jobs in (1, 2):
+        root = tmp_path / f"jobs{jobs}"
+        assert main(["scaling", *scaling_args(root, data, f"scaling.jobs={jobs}")]) == 0
+        torch.set_num_threads(1)
+        doc = json.loads((root / "sc" / "scaling.json").read_text())
+        points[jobs] = {r["id"]: [(q["x"], q["y"]) for q in r["points"]]
+                        for r in doc["records"] if r["kind"] == "prediction"}
+        logs = sorted(p.name for p in (root / "sc" / "scaling").glob("*/*.log"))
+        assert logs == ([] if jobs == 1 else ["rm.log"] * 4 + ["sft.log"] * 5)
+    assert set(points[1]) == {"sft.eval_loss", "rm.heldout_loss", "rm.accuracy",
+                              "rm.accuracy_gold"}
+    assert points[2] == points[1]
+    assert scaling.job_threads(scaling.with_keys(scaling.Config(), {"run.threads": 2}), 2) == 1
+    assert scaling.job_threads(scaling.with_keys(scaling.Config(), {"run.threads": 1}), 2) == 1
+    assert scaling.job_threads(scaling.with_keys(scaling.Config(), {"run.threads": 8}), 3) == 2
+
+
 def test_scaling_refuses_bad_settings_with_exit_2(tmp_path, capsys):
     data = toy_ranked(tmp_path / "toy.jsonl", 30)
     args = scaling_args(tmp_path / "runs", data, "scaling.sft_fractions=[0.5]",
