@@ -638,13 +638,16 @@ class ScalingConfig:
     # its own schedule); at least 4 distinct step counts, since a*C^b + c has 3 parameters.
     sft_fractions: list[float] = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.375, 0.5])
     # Reward models on nested subsets of the labelled training prompts, as fractions of them;
-    # every one is scored on the full reward model's held-out prompts (rm.eval_size).
-    rm_fractions: list[float] = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5])
-    # Small runs trained side by side, each in its own process with run.threads / jobs threads
-    # (run.threads=0: the machine's cores / jobs; at least 1). On a 2-core Xeon the default's
-    # small reward models took 9.8 minutes two at a time against 12.6 in turn; the short SFT
-    # runs gained nothing (5.7 against 5.5): what a one-thread process gains depends on how
-    # well the stage uses a second thread. 1 = in turn, in this process, with the run's threads.
+    # every one is scored on the full reward model's held-out prompts (rm.eval_size). Up to a
+    # quarter: together they cost under half of the full reward model (15/32 of its steps).
+    rm_fractions: list[float] = field(default_factory=lambda: [0.03125, 0.0625, 0.125, 0.25])
+    # Processes the command spreads its work over, each with run.threads / jobs threads
+    # (run.threads=0: the machine's cores / jobs; at least 1): the small runs train side by
+    # side, one per process, and on a CPU the sampling stages (label, eval) are sharded across
+    # a gloo group of that many processes. On a 2-core Xeon the default's small reward models
+    # (then up to 1/2) took 9.8 minutes two at a time against 12.6 in turn; the short SFT runs
+    # gained nothing (5.7 against 5.5): what a one-thread process gains depends on how well
+    # the stage uses a second thread, and decoding uses it least. 1 = all in this process.
     jobs: int = setting(2, POSITIVE)
     # Held-out accuracy (vs gold and vs annotators) whose number of training comparisons is
     # predicted: how many labels a reward model this good needs.

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import functools
 import gc
 import importlib
 import json
@@ -54,6 +55,7 @@ from pipeline.config import Config, ConfigError, to_dict
 from pipeline.data import RankedExample, column_map, load_demonstrations, load_ranked
 from pipeline.errors import PipelineError
 from pipeline.models import load_reward_model, load_tokenizer
+from pipeline.processes import run_sharded
 from pipeline.rundir import (
     Parent,
     atomic_write_json,
@@ -220,12 +222,14 @@ def _complete(folder: Path, stage_cfg: Config) -> bool:
     return bool(manifest and manifest.get("status") == "complete" and not stage_cfg.run.overwrite)
 
 
-def _small_run(module_name: str, stage_cfg: Config, log: str) -> None:
-    """One small run in a child process, its output in ``log``."""
+def _small_run(module_name: str, stage_cfg: Config, log: str, stage: str, then=None):
+    """One small run in a child process, its output in ``log``; returns ``then(stage
+    folder)`` (None without it), computed there too."""
     out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(out, 1)
     os.dup2(out, 2)
     importlib.import_module(module_name).run(stage_cfg)
+    return then(stage_cfg.run_dir / stage) if then else None
 
 
 def job_threads(cfg: Config, jobs: int) -> int:
@@ -247,33 +251,46 @@ class Stages:
         self.seconds[part] = self.seconds.get(part, 0.0) + taken
         return taken
 
-    def run(self, module, stage_cfg: Config, stage: str, part: str) -> tuple[Path, bool]:
-        """(stage folder, whether it was reused)."""
+    def run(self, module, stage_cfg: Config, stage: str, part: str,
+            processes: int = 1) -> tuple[Path, bool]:
+        """(stage folder, whether it was reused). ``processes`` > 1: the stage sharded across
+        that many CPU processes of one gloo group, each with its share of the threads."""
         folder = stage_cfg.run_dir / stage
         if _complete(folder, stage_cfg):
             self.echo(f"[scaling] {folder} already complete: reused")
             return folder, True
-        self.echo(f"[scaling] {stage} -> {folder} ...")
+        self.echo(f"[scaling] {stage} -> {folder}"
+                  + (f" in {processes} processes" if processes > 1 else "") + " ...")
         start = time.time()
-        module.run(stage_cfg)
+        if processes > 1:
+            run_sharded(module.__name__,
+                        with_keys(stage_cfg, {"run.threads": job_threads(stage_cfg, processes)}),
+                        processes)
+        else:
+            module.run(stage_cfg)
         gc.collect()
         self.echo(f"[scaling] {stage} done in {self._took(part, start) / 60:.1f} min")
         return folder, False
 
     def run_side_by_side(self, module, configs: list[Config], stage: str, part: str,
-                         jobs: int) -> list[tuple[Path, bool]]:
+                         jobs: int, then=None) -> list[tuple[Path, bool, object]]:
         """The small runs of one part, ``jobs`` at a time, each in its own process (its output
-        in ``<small run>/<stage>.log``); (stage folder, reused) in the order given. The
-        largest run is started first (the configs are given smallest first), which keeps the
-        processes busy until the end. One job runs them here, in turn."""
+        in ``<small run>/<stage>.log``); (stage folder, reused, ``then(stage folder)``) in the
+        order given, ``then`` (picklable) run in the run's own process, so that measuring a
+        small run keeps both cores busy too. The largest run is started first (the configs
+        are given smallest first), which keeps the processes busy until the end. One job runs
+        them here, in turn."""
+        def measured(folder: Path, reused: bool) -> tuple[Path, bool, object]:
+            return folder, reused, then(folder) if then else None
+
         if jobs <= 1:
-            return [self.run(module, c, stage, part) for c in configs]
-        out: list[tuple[Path, bool] | None] = [None] * len(configs)
+            return [measured(*self.run(module, c, stage, part)) for c in configs]
+        out: list[tuple[Path, bool, object] | None] = [None] * len(configs)
         todo = []
         for i, c in enumerate(configs):
             if _complete(c.run_dir / stage, c):
                 self.echo(f"[scaling] {c.run_dir / stage} already complete: reused")
-                out[i] = (c.run_dir / stage, True)
+                out[i] = measured(c.run_dir / stage, True)
             else:
                 todo.append(i)
         if todo:
@@ -289,15 +306,16 @@ class Stages:
                     c = configs[i]
                     c.run_dir.mkdir(parents=True, exist_ok=True)
                     log = c.run_dir / f"{stage}.log"
-                    futures[pool.submit(_small_run, module.__name__, c, str(log))] = (i, log)
+                    futures[pool.submit(_small_run, module.__name__, c, str(log), stage,
+                                        then)] = (i, log)
                 for future in as_completed(futures):
                     i, log = futures[future]
                     try:
-                        future.result()
+                        result = future.result()
                     except Exception as exc:
                         raise PipelineError(f"scaling: the small run {configs[i].run_dir / stage}"
                                             f" failed ({exc}); its output: {log}") from exc
-                    out[i] = (configs[i].run_dir / stage, False)
+                    out[i] = (configs[i].run_dir / stage, False, result)
                     self.echo(f"[scaling] {configs[i].run_dir / stage} done")
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -567,8 +585,8 @@ def sft_part(cfg: Config, ledger: Ledger, stages: Stages, echo) -> None:
                                       "run.threads": threads})
             for k in steps]
     points = []
-    for folder, reused in stages.run_side_by_side(sft, subs, "sft", "sft_short_runs",
-                                                  cfg.scaling.jobs):
+    for folder, reused, _ in stages.run_side_by_side(sft, subs, "sft", "sft_short_runs",
+                                                     cfg.scaling.jobs):
         m = read_manifest(folder)["metrics"]
         points.append({"x": m["steps"], "y": m["eval_loss_after"], "run": str(folder),
                        "reused": reused})
@@ -606,7 +624,7 @@ def ranked_inputs(cfg: Config) -> tuple[Parent, str, dict | None]:
 
 def rm_part(cfg: Config, ledger: Ledger, stages: Stages, echo, device) -> None:
     if not (cfg.rm.data or cfg.data.ranked):
-        stages.run(label, cfg, "label", "label")
+        stages.run(label, cfg, "label", "label", sampling_processes(cfg, device))
     sft_parent, source, columns = ranked_inputs(cfg)
     examples = load_ranked(source, columns=columns)
     if cfg.rm.eval_size >= len(examples):
@@ -633,13 +651,13 @@ def rm_part(cfg: Config, ledger: Ledger, stages: Stages, echo, device) -> None:
             # A step budget: the same passes over the smaller data.
             values["rm.max_steps"] = max(1, round(cfg.rm.max_steps * n / len(train)))
         subs.append(sub_run(cfg, f"rm-{n}", values))
+    score = functools.partial(heldout_figures, groups=held_groups, tok=tok, cfg=cfg,
+                              device=device)
     points = []
-    for n, (folder, reused) in zip(sizes, stages.run_side_by_side(reward, subs, "rm",
-                                                                  "rm_subsets",
-                                                                  cfg.scaling.jobs)):
+    for n, (folder, reused, figures) in zip(sizes, stages.run_side_by_side(
+            reward, subs, "rm", "rm_subsets", cfg.scaling.jobs, then=score)):
         points.append({"x": comparisons(train[:n]), "prompts": n, "run": str(folder),
-                       "reused": reused, **heldout_figures(folder, held_groups, tok, cfg,
-                                                           device)})
+                       "reused": reused, **figures})
     full_x = comparisons(train)
     predictions = {}
     for fit_id, key, kind, y_name in RM_FITS:
@@ -682,6 +700,12 @@ def rm_part(cfg: Config, ledger: Ledger, stages: Stages, echo, device) -> None:
                             }.get(key)))
 
 
+def sampling_processes(cfg: Config, device: torch.device) -> int:
+    """Processes the sampling stages (label, eval) are sharded across: ``scaling.jobs`` on a
+    CPU, one on a GPU (whose processes would share the one device this command uses)."""
+    return cfg.scaling.jobs if device.type == "cpu" else 1
+
+
 def ppo_snapshots(cfg: Config) -> Config:
     """The config PPO runs with: snapshots at least ``scaling.ppo_points`` apart in all."""
     every = max(1, cfg.ppo.num_updates // cfg.scaling.ppo_points)
@@ -718,7 +742,8 @@ def run(cfg: Config, echo=print) -> Path:
     rm_part(cfg, ledger, stages, echo, device)
     if cfg.scaling.overoptimization:
         stages.run(ppo, ppo_snapshots(cfg), "ppo", "ppo")
-        folder, _ = stages.run(evaluate, lean_eval(cfg), "eval", "eval")
+        folder, _ = stages.run(evaluate, lean_eval(cfg), "eval", "eval",
+                               sampling_processes(cfg, device))
         results = json.loads((folder / "results.json").read_text())
         for record in overoptimization(results, cfg.scaling.early_fraction, cfg.scaling.level):
             ledger.add(record["kind"], record["id"],

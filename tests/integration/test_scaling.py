@@ -102,10 +102,10 @@ def test_scaling_predicts_before_the_full_stages_and_writes_the_schema(tmp_path,
         assert json.loads((Path(q["run"]) / "manifest.json").read_text())["status"] == "complete"
         assert Path(q["run"]).parent.parent == run_dir / "scaling"
 
-    # Nested subsets of the 96 training prompts; every reward model scored on the full one's
-    # 24 held-out prompts, which are the full stage's own held-out split.
+    # Nested subsets (1/32 to 1/4) of the 96 training prompts; every reward model scored on
+    # the full one's 24 held-out prompts, which are the full stage's own held-out split.
     rm_pred = predictions["rm.accuracy"]
-    assert [q["prompts"] for q in rm_pred["points"]] == [6, 12, 24, 48]
+    assert [q["prompts"] for q in rm_pred["points"]] == [3, 6, 12, 24]
     subsets = [(Path(q["run"]).parent / "data.jsonl").read_text().splitlines()
                for q in rm_pred["points"]]
     assert all(big[: len(small)] == small for small, big in zip(subsets, subsets[1:]))
@@ -195,6 +195,11 @@ def test_scaling_through_label_ppo_and_eval(tmp_path):
         assert "fit" in r or "error" in r
         assert "early_fit" in r or "early_error" in r
     assert (run_dir / "label" / "data.jsonl").is_file()
+    # scaling.jobs=2 on a CPU: the sampling stages ran sharded across two processes.
+    assert json.loads((run_dir / "label" / "manifest.json").read_text())["metrics"][
+        "world_size"] == 2
+    assert json.loads((run_dir / "eval" / "manifest.json").read_text())["extras"][
+        "world_size"] == 2
     html = (run_dir / "report.html").read_text()
     assert 'data-plot="scaling_overoptimization_ppo"' in html
     assert 'data-plot="scaling_overoptimization_bon"' in html
