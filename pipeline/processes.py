@@ -34,11 +34,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def group_env(rank: int, world_size: int, port: int) -> dict[str, str]:
-    """What torchrun sets for one local process, which the Accelerator's gloo group reads."""
+def group_env(rank: int, world_size: int, port: int, threads: int) -> dict[str, str]:
+    """What torchrun sets for one local process, which the Accelerator's gloo group reads.
+    OMP_NUM_THREADS too: without it accelerate resets a CPU process's threads to its own
+    choice (physical cores / processes) after the stage has set them."""
     return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
             "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port), "ACCELERATE_USE_CPU": "true"}
+            "MASTER_PORT": str(port), "ACCELERATE_USE_CPU": "true",
+            "OMP_NUM_THREADS": str(threads)}
 
 
 def _member(module_name: str, cfg: Config, env: dict[str, str]) -> None:
@@ -62,9 +65,11 @@ def run_sharded(module_name: str, cfg: Config, processes: int) -> None:
     if processes < 2:
         raise ValueError("run_sharded needs at least 2 processes")
     port = free_port()
+    threads = cfg.run.threads or max(1, (os.cpu_count() or 1) // processes)
     context = multiprocessing.get_context("spawn")
     members = [context.Process(target=_member, args=(module_name, cfg,
-                                                     group_env(rank, processes, port)),
+                                                     group_env(rank, processes, port,
+                                                               threads)),
                                name=f"{module_name}-rank{rank}")
                for rank in range(processes)]
     for p in members:

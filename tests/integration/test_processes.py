@@ -40,9 +40,9 @@ def test_a_failed_process_stops_the_group_with_one_line(tmp_path: Path, monkeypa
 
 
 def test_the_group_environment_is_what_torchrun_sets():
-    env = processes.group_env(1, 2, 29555)
+    env = processes.group_env(1, 2, 29555, 3)
     assert env == {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555",
-                   "ACCELERATE_USE_CPU": "true"}
+                   "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "3"}
     with pytest.raises(ValueError):
         processes.run_sharded("stages.label", load_config(None, []), 1)
