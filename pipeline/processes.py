@@ -20,6 +20,7 @@ import time
 from pipeline.config import Config
 from pipeline.data import DataError
 from pipeline.errors import PipelineError
+from pipeline.runtime import process_threads
 
 # Seconds between checks on the processes, and those given to the others to stop once one
 # has failed (the survivors may be waiting in a collective for it).
@@ -65,7 +66,7 @@ def run_sharded(module_name: str, cfg: Config, processes: int) -> None:
     if processes < 2:
         raise ValueError("run_sharded needs at least 2 processes")
     port = free_port()
-    threads = cfg.run.threads or max(1, (os.cpu_count() or 1) // processes)
+    threads = process_threads(cfg.run.threads, processes)
     context = multiprocessing.get_context("spawn")
     members = [context.Process(target=_member, args=(module_name, cfg,
                                                      group_env(rank, processes, port,

@@ -22,9 +22,15 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
 
 
+def process_threads(requested: int, processes: int) -> int:
+    """Threads of each of ``processes`` local processes: ``requested``, or 0 = the machine's
+    cores shared among them."""
+    return requested or max(1, (os.cpu_count() or 1) // processes)
+
+
 def set_threads(requested: int) -> int:
     """Pin intra-op threads: on a small CPU box oversubscribed threads collapse throughput."""
-    n = requested or max(1, (os.cpu_count() or 1) // local_world_size())
+    n = process_threads(requested, local_world_size())
     torch.set_num_threads(n)
     return n
 
