@@ -539,6 +539,8 @@ class EvalConfig:
     max_new_tokens: int = setting(48, POSITIVE)
     # Prompts per generate() call and per scoring batch.
     batch_size: int = setting(16, POSITIVE)
+    # Evaluate the base model too: its row, the win rates against it and SFT's KL to it.
+    base: bool = True
     # Gold judge: "minilm" (built-in) or "module:function".
     judge: str = "minilm"
     # Best-of-N baseline: per prompt, the SFT sample the reward model scores highest out of N

@@ -475,7 +475,7 @@ class Eval(Stage):
         per_policy: dict[str, list[dict]] = {}
         probe: dict[str, list[dict]] = {}
         snapshots = {name: snapshot_dirs(parent) for name, parent in trained.items()}
-        n_policies = 2 + (c.best_of_n > 1 and reward_model is not None) + len(trained)
+        n_policies = 1 + c.base + (c.best_of_n > 1 and reward_model is not None) + len(trained)
         bar = progress(n_policies + sum(map(len, snapshots.values())), "eval",
                        cfg.tracking.progress and accelerator.is_main_process, unit="policy")
 
@@ -501,11 +501,14 @@ class Eval(Stage):
 
         # --- Base and SFT -------------------------------------------------------------------------
         sft_model.to(device)
-        base_model, _ = load_policy(cfg.model, seed=cfg.run.seed)
-        base_model.to(device)
-        evaluate_policy("base", base_model)
-        sft_samples = evaluate_policy("sft", sft_model, base_model, "base")
-        del base_model
+        if c.base:
+            base_model, _ = load_policy(cfg.model, seed=cfg.run.seed)
+            base_model.to(device)
+            evaluate_policy("base", base_model)
+            sft_samples = evaluate_policy("sft", sft_model, base_model, "base")
+            del base_model
+        else:
+            sft_samples = evaluate_policy("sft", sft_model)
 
         # --- Best-of-N against the reward model (Gao et al.'s other optimizer) -------------------
         bon_candidates: list[dict] = []

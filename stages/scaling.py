@@ -714,14 +714,20 @@ def ppo_snapshots(cfg: Config) -> Config:
     return with_keys(cfg, {"ppo.snapshot_every": every})
 
 
-def lean_eval(cfg: Config) -> Config:
-    """The config eval runs with: ``scaling.eval_prompts`` prompts, no calibration probe."""
+def lean_eval(cfg: Config, processes: int = 1) -> Config:
+    """The config eval runs with: ``scaling.eval_prompts`` prompts, no calibration probe and
+    no base model (the fits start at SFT), each of ``processes`` sampling its share of the
+    prompts in one call where eval.batch_size is smaller (decoding is cheaper per token in
+    wider batches)."""
     if cfg.scaling.eval_prompts is None:
         return cfg
     limit = cfg.scaling.eval_prompts
     if cfg.eval.num_prompts is not None:
         limit = min(limit, cfg.eval.num_prompts)
-    return with_keys(cfg, {"eval.num_prompts": limit, "eval.calibration_questions": 0})
+    return with_keys(cfg, {"eval.num_prompts": limit, "eval.calibration_questions": 0,
+                           "eval.base": False,
+                           "eval.batch_size": max(cfg.eval.batch_size,
+                                                  math.ceil(limit / processes))})
 
 
 def run(cfg: Config, echo=print) -> Path:
@@ -742,8 +748,8 @@ def run(cfg: Config, echo=print) -> Path:
     rm_part(cfg, ledger, stages, echo, device)
     if cfg.scaling.overoptimization:
         stages.run(ppo, ppo_snapshots(cfg), "ppo", "ppo")
-        folder, _ = stages.run(evaluate, lean_eval(cfg), "eval", "eval",
-                               sampling_processes(cfg, device))
+        processes = sampling_processes(cfg, device)
+        folder, _ = stages.run(evaluate, lean_eval(cfg, processes), "eval", "eval", processes)
         results = json.loads((folder / "results.json").read_text())
         for record in overoptimization(results, cfg.scaling.early_fraction, cfg.scaling.level):
             ledger.add(record["kind"], record["id"],

@@ -136,6 +136,24 @@ def test_no_calibration_probe_with_zero_questions(chain, tmp_path):
     assert "The calibration probe did not run." in html
 
 
+def test_eval_without_the_base_model(chain, tmp_path):
+    run = chain["cfg"].run_dir
+    cfg = load_config(None, [*tiny_override_list(tmp_path, name="nobase"), *EVAL,
+                             "eval.base=false", f"eval.sft={run / 'sft'}",
+                             f"eval.ppo={run / 'ppo'}"])
+    results = json.loads((evaluate.run(cfg) / "results.json").read_text())
+    torch.set_num_threads(1)
+    assert set(results["policies"]) == {"sft", "ppo"}
+    assert "kl" not in results["policies"]["sft"]
+    assert not any("base" in key for key in results["win_rates"])
+    assert set(results["calibration"]["policies"]) == {"sft", "ppo"}
+    # Each policy samples from the same seed: dropping the base row changes no other row.
+    for name in ("sft", "ppo"):
+        assert results["policies"][name]["gold"] == chain["results"]["policies"][name]["gold"]
+    assert results["overoptimization"] == chain["results"]["overoptimization"]
+    assert "PPO" in (report.run(cfg) / "report.html").read_text()
+
+
 def test_multiple_choice_builder():
     examples = load_prompts(DATA / "eval.jsonl", limit=20)
     questions = evaluate.multiple_choice(examples, seed=3)

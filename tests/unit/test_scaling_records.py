@@ -111,8 +111,12 @@ def test_ppo_snapshots_are_made_dense_enough():
 
 def test_the_eval_it_runs_is_lean():
     cfg = load_config(None, ["eval.num_prompts=300", "eval.calibration_questions=100"])
-    lean = scaling.lean_eval(cfg)
+    lean = scaling.lean_eval(cfg, processes=2)
     assert (lean.eval.num_prompts, lean.eval.calibration_questions) == (128, 0)
+    assert not lean.eval.base and cfg.eval.base
+    assert lean.eval.batch_size == 64  # each process's 64 prompts in one call
+    wide = load_config(None, ["eval.batch_size=100"])
+    assert scaling.lean_eval(wide, processes=2).eval.batch_size == 100
     assert cfg.eval.num_prompts == 300  # the config itself is not changed
     fewer = scaling.lean_eval(load_config(None, ["eval.num_prompts=40"]))
     assert fewer.eval.num_prompts == 40
