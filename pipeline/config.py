@@ -274,6 +274,9 @@ class SFTConfig(TrainingConfig):
     num_samples: int = setting(4, NON_NEGATIVE)
     # Longest response of those samples, in tokens.
     max_new_tokens: int = setting(48, POSITIVE)
+    # Measure the held-out loss before training too (eval_loss_before); runs that only need
+    # the loss they end at (rlhf scaling's short runs) skip a pass over the eval rows.
+    eval_before: bool = True
 
 
 @dataclass

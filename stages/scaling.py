@@ -582,7 +582,7 @@ def sft_part(cfg: Config, ledger: Ledger, stages: Stages, echo) -> None:
     threads = job_threads(cfg, cfg.scaling.jobs)
     subs = [sub_run(cfg, f"sft-{k}", {"sft.max_steps": k, "sft.num_samples": 0,
                                       "sft.save_every": 0, "sft.eval_every": 0,
-                                      "run.threads": threads})
+                                      "sft.eval_before": False, "run.threads": threads})
             for k in steps]
     points = []
     for folder, reused, _ in stages.run_side_by_side(sft, subs, "sft", "sft_short_runs",

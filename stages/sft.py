@@ -157,11 +157,13 @@ class SFT(Stage):
             state = load_checkpoint(resume_from, accelerator, **checkpointed)
             loop = LoopState.from_checkpoint(state)
             metrics["eval_loss_before"] = state["eval_loss_before"]
-        else:
+        elif c.eval_before:
             metrics["eval_loss_before"] = eval_loss(model, eval_loader, accelerator)
             guard.check(0, **{"eval loss": metrics["eval_loss_before"]})
             # A resumed run kept this row (step 0) in metrics.jsonl.
             tracker.log({"eval/loss": metrics["eval_loss_before"]}, step=loop.step)
+        else:
+            metrics["eval_loss_before"] = None
 
         # --- Training loop ---------------------------------------------------------------------
         def compute_loss(model, batch):

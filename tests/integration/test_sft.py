@@ -18,6 +18,7 @@ from pipeline.models import build_scratch, load_policy, load_tokenizer, tokenize
 from pipeline.rundir import SCHEMA, latest_checkpoint, open_parent
 from pipeline.text import IGNORE_INDEX, tokenize_conversation
 from stages import sft
+from tests.conftest import tiny_override_list
 
 TOP_LEVEL = {"config.yaml", "manifest.json", "metrics.jsonl", "samples.jsonl", "model"}
 MODEL_FILES = {"config.json", "model.safetensors", "generation_config.json",
@@ -43,6 +44,20 @@ def test_parameters_change_and_eval_loss_drops(tiny_sft_run):
         assert not torch.allclose(param, initial_state[name]), f"{name} did not change"
     m = json.loads((tiny_sft_run / "manifest.json").read_text())["metrics"]
     assert m["eval_loss_after"] < m["eval_loss_before"]
+
+
+def test_without_the_eval_before_training(tmp_path, tiny_sft_run):
+    folder = sft.run(load_config(None, [*tiny_override_list(tmp_path, name="nobefore"),
+                                        "sft.eval_before=false"]))
+    torch.set_num_threads(1)
+    m = json.loads((folder / "manifest.json").read_text())["metrics"]
+    shared = json.loads((tiny_sft_run / "manifest.json").read_text())["metrics"]
+    assert m["eval_loss_before"] is None
+    # The pass it skips changes nothing the run trains or measures after.
+    assert m["eval_loss_after"] == shared["eval_loss_after"]
+    assert all(a.equal(b) for a, b in zip(weights(folder).values(),
+                                          weights(tiny_sft_run).values()))
+    assert [r["step"] for r in rows(folder / "metrics.jsonl") if "eval/loss" in r] == [m["steps"]]
 
 
 def test_stage_folder_file_set(tiny_sft_run):
