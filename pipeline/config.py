@@ -664,9 +664,9 @@ class ScalingConfig:
     # ppo.snapshot_every to ppo.num_updates // ppo_points unless snapshots are already as dense.
     ppo_points: int = 6
     # Prompts of the eval stage this command runs (None = eval.num_prompts), which then skips
-    # the calibration probe: the overoptimization fits read gold and KL only, and at the
-    # default's 300 prompts and 100 questions the eval of its nine policies took a third of
-    # the command's time.
+    # the calibration probe and the base model: the overoptimization fits read gold and KL
+    # from SFT on, and at the default's 300 prompts and 100 questions the eval of its nine
+    # policies took a third of the command's time.
     eval_prompts: int | None = setting(128, POSITIVE)
     # Train PPO and evaluate for the overoptimization fits (the longest part); false stops
     # after the SFT and reward-model checks.

@@ -122,13 +122,18 @@ def test_calibration_probe_per_policy(chain):
             sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins) / 6)
 
 
-def test_no_calibration_probe_with_zero_questions(chain, tmp_path):
+def eval_of_chain(chain: dict, root: Path, name: str, *overrides: str) -> tuple:
+    """(config, results) of an eval, with ``overrides``, of the chain's SFT and PPO stages."""
     run = chain["cfg"].run_dir
-    cfg = load_config(None, [*tiny_override_list(tmp_path, name="noprobe"), *EVAL,
-                             "eval.calibration_questions=0", f"eval.sft={run / 'sft'}",
-                             f"eval.ppo={run / 'ppo'}"])
+    cfg = load_config(None, [*tiny_override_list(root, name=name), *EVAL, *overrides,
+                             f"eval.sft={run / 'sft'}", f"eval.ppo={run / 'ppo'}"])
     results = json.loads((evaluate.run(cfg) / "results.json").read_text())
     torch.set_num_threads(1)
+    return cfg, results
+
+
+def test_no_calibration_probe_with_zero_questions(chain, tmp_path):
+    cfg, results = eval_of_chain(chain, tmp_path, "noprobe", "eval.calibration_questions=0")
     assert results["calibration"]["num_questions"] == 0
     assert results["calibration"]["policies"] == {}
     assert set(results["policies"]) == {"base", "sft", "ppo"}
@@ -137,12 +142,7 @@ def test_no_calibration_probe_with_zero_questions(chain, tmp_path):
 
 
 def test_eval_without_the_base_model(chain, tmp_path):
-    run = chain["cfg"].run_dir
-    cfg = load_config(None, [*tiny_override_list(tmp_path, name="nobase"), *EVAL,
-                             "eval.base=false", f"eval.sft={run / 'sft'}",
-                             f"eval.ppo={run / 'ppo'}"])
-    results = json.loads((evaluate.run(cfg) / "results.json").read_text())
-    torch.set_num_threads(1)
+    cfg, results = eval_of_chain(chain, tmp_path, "nobase", "eval.base=false")
     assert set(results["policies"]) == {"sft", "ppo"}
     assert "kl" not in results["policies"]["sft"]
     assert not any("base" in key for key in results["win_rates"])
