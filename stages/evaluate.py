@@ -501,14 +501,12 @@ class Eval(Stage):
 
         # --- Base and SFT -------------------------------------------------------------------------
         sft_model.to(device)
+        base_model = None
         if c.base:
             base_model, _ = load_policy(cfg.model, seed=cfg.run.seed)
-            base_model.to(device)
-            evaluate_policy("base", base_model)
-            sft_samples = evaluate_policy("sft", sft_model, base_model, "base")
-            del base_model
-        else:
-            sft_samples = evaluate_policy("sft", sft_model)
+            evaluate_policy("base", base_model.to(device))
+        sft_samples = evaluate_policy("sft", sft_model, base_model, "base")
+        del base_model
 
         # --- Best-of-N against the reward model (Gao et al.'s other optimizer) -------------------
         bon_candidates: list[dict] = []
