@@ -80,7 +80,8 @@ _OTHER_HELP = {
     "status": "Lineage, status and metrics of each stage of a run.\n",
     "compare": ("Finished runs side by side: one row per run and trained policy (PPO, DPO,\n"
                 "best-of-N) from each run's eval/results.json, and each group's mean and spread\n"
-                "over seeds. Every RUN_DIR needs a complete eval stage.\n\n"
+                "over seeds; runs of one seed also head to head, per prompt, from their\n"
+                "eval/samples.jsonl. Every RUN_DIR needs a complete eval stage.\n\n"
                 "--out DIR     where compare.json, compare.md and compare.html go\n"
                 "              (default: runs/compare)\n"
                 "--group-by    estimator (default): one group per policy label, each PPO\n"

@@ -7,10 +7,15 @@ or by policy, and each group gets its mean and spread across seeds. Output, writ
 to ``--out`` once every run has been read: ``compare.json`` (the rows, the groups and the runs),
 ``compare.md`` (the tables) and ``compare.html`` (the tables, gold against KL to SFT with one
 series per group, and the win rates against SFT with their CIs).
+
+Runs of one seed are also compared head to head: each trained policy of one against the same
+policy of the other, paired by eval prompt on the gold scores in their ``eval/samples.jsonl``,
+which is how a change is judged against its control on the same reward model and prompts.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -33,11 +38,17 @@ from stages.report import (
     table,
     when,
 )
+from stages.stats import bootstrap_ci, win_outcomes
 
 OUT = Path("runs/compare")
 GROUP_BY = ("estimator", "policy")
 # The policies a run trains or selects, compared against its SFT policy.
 POLICIES = ("ppo", "dpo", "bon")
+# Policies compared head to head between runs of one seed. Best-of-N is left out: runs of a
+# seed that share a reward model hold the same best-of-N samples.
+HEAD_TO_HEAD = ("ppo", "dpo")
+# Bootstrap resamples (over prompts) of the head-to-head intervals, as the eval stage's default.
+RESAMPLES = 1000
 # Row key, column title, format: the per-row table and the per-group means.
 COLUMNS = (("win_vs_sft", "vs SFT [95% CI]", "{:.3f}"),
            ("win_vs_bon", "vs best-of-N [95% CI]", "{:.3f}"),
@@ -50,6 +61,10 @@ NOTE = ("Gold win rates are paired per prompt, ties counting half. KL is to the 
         "time/update summed over its updates, DPO's trainer time; s/update is PPO's median "
         "time/update. Group means are over seeds (runs of one seed averaged first); (n=...) "
         "marks a mean over fewer seeds than the group has.")
+HEAD_NOTE = ("Head to head: runs of one seed, each policy against the same policy of the other "
+             "run on the eval prompts both evaluated, from their eval/samples.jsonl: the first "
+             "run's gold win rate (ties half) and its mean gold difference, with 95% "
+             f"percentile-bootstrap CIs over prompts ({RESAMPLES} resamples).")
 
 
 def _problem(run_dir: Path) -> str | None:
@@ -187,6 +202,57 @@ def groups(rows: list[dict]) -> list[dict]:
     return out
 
 
+def prompt_golds(run_dir: Path) -> dict[str, dict[str, float]] | None:
+    """Per eval prompt id, the gold score of each head-to-head policy, from the run's
+    ``eval/samples.jsonl``; None when the run has none."""
+    path = run_dir / "eval" / "samples.jsonl"
+    if not path.is_file():
+        return None
+    out: dict[str, dict[str, float]] = {}
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                out[str(row["id"])] = {name: float(row[name]["gold"])
+                                       for name in HEAD_TO_HEAD if name in row}
+            except (ValueError, KeyError, TypeError) as exc:
+                raise PipelineError(
+                    f"compare: {path}:{number}: expected a JSON object with an id and each "
+                    f"policy's gold score ({type(exc).__name__}: {exc})") from None
+    return out
+
+
+def head_to_head(run_dirs: list[Path]) -> list[dict]:
+    """For each pair of runs of one seed and each policy both evaluated: the first run's gold
+    win rate against the second's and the mean gold difference, paired on the prompts both
+    hold, with bootstrap CIs over those prompts."""
+    golds = {d: prompt_golds(d) for d in run_dirs}
+    seeds = {d: seed_of(d) for d in run_dirs}
+    out = []
+    for i, a in enumerate(run_dirs):
+        for b in run_dirs[i + 1:]:
+            if seeds[a] is None or seeds[a] != seeds[b] or not golds[a] or not golds[b]:
+                continue
+            for name in HEAD_TO_HEAD:
+                ids = [k for k, row in golds[a].items()
+                       if name in row and name in golds[b].get(k, {})]
+                if not ids:
+                    continue
+                mine = [golds[a][k][name] for k in ids]
+                theirs = [golds[b][k][name] for k in ids]
+                wins = win_outcomes(mine, theirs)
+                diff = [x - y for x, y in zip(mine, theirs)]
+                out.append({
+                    "policy": name, "run": a.name, "versus": b.name, "seed": seeds[a],
+                    "num_prompts": len(ids),
+                    "win": sum(wins) / len(wins), "win_ci": list(bootstrap_ci(wins, RESAMPLES, 0)),
+                    "gold_diff": sum(diff) / len(diff),
+                    "gold_diff_ci": list(bootstrap_ci(diff, RESAMPLES, 0))})
+    return out
+
+
 def build(run_dirs: list[Path], group_by: str) -> dict:
     """compare.json's content: the runs, one row per run and policy, and the groups."""
     check(run_dirs)
@@ -207,7 +273,8 @@ def build(run_dirs: list[Path], group_by: str) -> dict:
         manifest = read_manifest(d / "eval")
         runs.append({"run": d.name, "path": str(d.resolve()), "seed": seed_of(d),
                      "eval_created": manifest.get("created"), "git_sha": manifest.get("git_sha")})
-    return {"group_by": group_by, "runs": runs, "rows": rows, "groups": groups(rows)}
+    return {"group_by": group_by, "runs": runs, "rows": rows, "groups": groups(rows),
+            "head_to_head": head_to_head(run_dirs)}
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -239,10 +306,24 @@ def tables(doc: dict) -> tuple[tuple[list[str], list[list[str]]], tuple[list[str
     return (heads, rows), (group_heads, group_rows)
 
 
+HEAD_HEADS = ["policy", "run", "versus", "seed", "prompts", "win rate [95% CI]",
+              "gold difference [95% CI]"]
+
+
+def head_rows(doc: dict) -> list[list[str]]:
+    return [[h["policy"].upper(), h["run"], h["versus"], str(h["seed"]), str(h["num_prompts"]),
+             f"{h['win']:.3f} [{h['win_ci'][0]:.3f}, {h['win_ci'][1]:.3f}]",
+             f"{h['gold_diff']:+.4f} [{h['gold_diff_ci'][0]:+.4f}, {h['gold_diff_ci'][1]:+.4f}]"]
+            for h in doc["head_to_head"]]
+
+
 def markdown(doc: dict) -> str:
     (heads, rows), (group_heads, group_rows) = tables(doc)
-    return (markdown_table(heads, rows) + "\n" + markdown_table(group_heads, group_rows)
+    text = (markdown_table(heads, rows) + "\n" + markdown_table(group_heads, group_rows)
             + "\n" + NOTE + "\n")
+    if doc["head_to_head"]:
+        text += "\n" + markdown_table(HEAD_HEADS, head_rows(doc)) + "\n" + HEAD_NOTE + "\n"
+    return text
 
 
 def gold_vs_kl(doc: dict) -> str:
@@ -312,13 +393,15 @@ def html(doc: dict, out: Path) -> str:
              esc(when(r["eval_created"])), esc(str(r["git_sha"])[:12])] for r in doc["runs"]]
     run_table = raw_table(["run", "seed", "folder", "eval finished", "git sha"], runs)
     title = f"RLHF comparison: {len(doc['runs'])} runs"
+    heads_up = (f"<h2>Head to head</h2>{table(HEAD_HEADS, head_rows(doc), numeric=False)}"
+                f'<p class="small">{esc(HEAD_NOTE)}</p>\n' if doc["head_to_head"] else "")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{esc(title)}</title><style>{CSS}</style></head>\n<body>"
             f"<h1>{esc(title)}</h1>\n<h2>Runs</h2>{run_table}\n"
             f"<h2>Policies</h2>{table(heads, rows, numeric=False)}\n"
             f"<h2>By {esc(doc['group_by'])}, over seeds</h2>"
             f"{table(group_heads, group_rows, numeric=False)}"
-            f'<p class="small">{esc(NOTE)}</p>\n'
+            f'<p class="small">{esc(NOTE)}</p>\n{heads_up}'
             f"<h2>Overoptimization</h2>{gold_vs_kl(doc)}\n"
             f"<h2>Win rate vs SFT</h2>{win_rates(doc)}\n</body></html>\n")
 

@@ -174,14 +174,6 @@ def test_multiple_choice_builder():
         evaluate.multiple_choice(examples[:3], seed=0)
 
 
-def test_bootstrap_and_win_rate():
-    assert evaluate.win_outcomes([1, 2, 3], [1, 1, 4]) == [0.5, 1.0, 0.0]
-    lo, hi = evaluate.bootstrap_ci([0.0, 1.0] * 50, 500, seed=0)
-    assert lo < 0.5 < hi and hi - lo < 0.3
-    assert evaluate.bootstrap_ci([0.0, 1.0] * 50, 500, 0) == evaluate.bootstrap_ci(
-        [0.0, 1.0] * 50, 500, 0)
-
-
 def test_letter_tokens_match_answer_after_assistant_header(chain):
     from pipeline.models import load_tokenizer
 

@@ -265,3 +265,55 @@ def test_overoptimization_curves_split_the_origin_and_each_method() -> None:
     origin, curves = overoptimization_curves({"overoptimization": new})
     assert origin == [new[0]] and curves == {"dpo": [new[1]], "ppo": [new[2]]}
     assert overoptimization_curves({}) == ([], {})
+
+
+def write_samples(run: Path, golds: dict[str, list[float]]) -> None:
+    """eval/samples.jsonl as the eval stage writes it: per prompt, each policy's response and
+    gold score; ``golds`` maps a policy to its gold on prompts 0, 1, ..."""
+    n = len(next(iter(golds.values())))
+    rows = [{"id": f"wn-eval-{i:05d}", "word": f"w{i}", "prompt": "Define ...", "reference": "r",
+             "sft": {"response": "s", "gold": 0.4, "rm": 0.1},
+             **{name: {"response": name, "gold": g[i], "rm": 0.5} for name, g in golds.items()}}
+            for i in range(n)]
+    (run / "eval" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_runs_of_one_seed_are_compared_head_to_head_per_prompt(runs, tmp_path) -> None:
+    gae0, gae1, rloo0, grpo0 = runs
+    write_samples(gae0, {"ppo": [0.5, 0.4, 0.3, 0.6], "dpo": [0.5, 0.5, 0.5, 0.5]})
+    # One prompt fewer: the pair is read on the three both hold.
+    write_samples(rloo0, {"ppo": [0.4, 0.4, 0.5]})
+    write_samples(gae1, {"ppo": [0.9, 0.9, 0.9, 0.9]})  # seed 1: no partner
+    # grpo-s0 has no samples.jsonl: seed 0 but not compared.
+    doc = json.loads((compare.run(runs, tmp_path / "out") / "compare.json").read_text())
+    [h] = doc["head_to_head"]
+    assert (h["policy"], h["run"], h["versus"], h["seed"], h["num_prompts"]) == (
+        "ppo", "gae-s0", "rloo-s0", 0, 3)
+    # Per prompt: 0.5 > 0.4, 0.4 = 0.4, 0.3 < 0.5 -> 1, 1/2, 0; gold +0.1, 0, -0.2.
+    assert h["win"] == pytest.approx(0.5)
+    assert h["gold_diff"] == pytest.approx(-0.1 / 3)
+    assert h["win_ci"][0] <= 0.5 <= h["win_ci"][1]
+    assert h["gold_diff_ci"][0] < h["gold_diff"] < h["gold_diff_ci"][1]
+    table = (tmp_path / "out" / "compare.md").read_text()
+    assert "| PPO | gae-s0 | rloo-s0 | 0 | 3 | 0.500 [" in table
+    assert "<h2>Head to head</h2>" in (tmp_path / "out" / "compare.html").read_text()
+
+
+def test_without_samples_there_is_no_head_to_head(runs, tmp_path) -> None:
+    out = compare.run(runs, tmp_path / "out")
+    assert json.loads((out / "compare.json").read_text())["head_to_head"] == []
+    assert "Head to head" not in (out / "compare.md").read_text()
+    assert "Head to head" not in (out / "compare.html").read_text()
+
+
+def test_a_bad_samples_line_is_named_and_nothing_is_written(runs, tmp_path) -> None:
+    write_samples(runs[0], {"ppo": [0.5, 0.4]})
+    write_samples(runs[2], {"ppo": [0.4, 0.4]})
+    path = runs[2] / "eval" / "samples.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n" + json.dumps({"id": "x", "ppo": {"response": "r"}}) + "\n")
+    with pytest.raises(PipelineError) as exc:
+        compare.run(runs, tmp_path / "out")
+    assert str(exc.value) == (f"compare: {path}:2: expected a JSON object with an id and each "
+                              "policy's gold score (KeyError: 'gold')")
+    assert not (tmp_path / "out").exists()
